@@ -1,0 +1,1 @@
+"""Data: readers for parallel text and PersonaChat dialogs, the shared vocabulary, batching across ranks."""

@@ -1,0 +1,132 @@
+"""Length-bucketed batches, sharded across ranks deterministically for a seed, resumable from a position.
+
+Every rank computes the same global list of batches for an epoch (from ``seed`` and the epoch number)
+and takes every ``world``-th one, so ranks never need to talk about data and a run restarted with the
+sampler's state continues with exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Batch:
+    """One direction of a batch: ``src`` (B, S) with lengths, teacher-forcing input and gold output (B, T)."""
+
+    src: torch.Tensor
+    src_lengths: torch.Tensor
+    tgt_in: torch.Tensor
+    tgt_out: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        """Target tokens the loss is computed on (EOS included, padding not)."""
+        return int(self.tgt_lengths.sum())
+
+    @property
+    def tgt_lengths(self) -> torch.Tensor:
+        return (self.tgt_out != 0).sum(dim=1)
+
+    def __len__(self) -> int:
+        return self.src.size(0)
+
+
+def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, prefix: int | None = None,
+                  suffix: int | None = None) -> torch.Tensor:
+    """Right-padded (N, max_len) int64 tensor, with an optional token before / after each sequence."""
+    extra = (prefix is not None) + (suffix is not None)
+    width = max((len(s) for s in seqs), default=0) + extra
+    out = torch.full((len(seqs), max(width, 1)), pad_id, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        items = ([prefix] if prefix is not None else []) + list(seq) + ([suffix] if suffix is not None else [])
+        out[row, : len(items)] = torch.as_tensor(items, dtype=torch.long)
+    return out
+
+
+def make_batch(src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]], pad_id: int, bos_id: int,
+               eos_id: int) -> Batch:
+    """Tensors for one direction: the encoder reads ``src``; the decoder reads BOS+tgt and predicts tgt+EOS."""
+    return Batch(
+        src=pad_sequences(src, pad_id),
+        src_lengths=torch.tensor([max(len(s), 1) for s in src], dtype=torch.long),
+        tgt_in=pad_sequences(tgt, pad_id, prefix=bos_id),
+        tgt_out=pad_sequences(tgt, pad_id, suffix=eos_id),
+    )
+
+
+class ShardedBucketSampler:
+    """Yields this rank's batches (lists of example indices) forever, epoch after epoch.
+
+    Within an epoch: shuffle all examples, cut into pools of ``bucket_batches`` batches, sort each pool
+    by (source, target) length so a batch holds similar lengths (little padding), cut into batches of
+    ``batch_size``, shuffle the batch order, drop the tail that does not divide by ``world`` and give
+    rank r the batches r, r + world, ...
+    """
+
+    def __init__(self, src_lengths: Sequence[int], tgt_lengths: Sequence[int], batch_size: int, *,
+                 rank: int = 0, world: int = 1, seed: int = 0, bucket_batches: int = 100) -> None:
+        if len(src_lengths) != len(tgt_lengths):
+            raise ValueError("src_lengths and tgt_lengths differ in length")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside world of {world}")
+        self.src_lengths = np.asarray(src_lengths, dtype=np.int64)
+        self.tgt_lengths = np.asarray(tgt_lengths, dtype=np.int64)
+        self.batch_size = batch_size
+        self.rank, self.world, self.seed = rank, world, seed
+        self.bucket_batches = bucket_batches
+        self.epoch = 0
+        self.position = 0  # batches of the current epoch this rank has already yielded
+        if self.batches_per_epoch() == 0:
+            raise ValueError(
+                f"{len(self.src_lengths)} examples make fewer batches of {batch_size} than there are ranks ({world})"
+            )
+
+    def global_batches(self, epoch: int) -> list[np.ndarray]:
+        """All ranks' batches of ``epoch`` in order (identical on every rank)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.src_lengths))
+        pool = self.batch_size * self.bucket_batches
+        batches: list[np.ndarray] = []
+        for start in range(0, len(order), pool):
+            chunk = order[start : start + pool]
+            chunk = chunk[np.lexsort((self.tgt_lengths[chunk], self.src_lengths[chunk]))]
+            batches.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
+        batch_order = rng.permutation(len(batches))
+        return [batches[i] for i in batch_order]
+
+    def batches_per_epoch(self) -> int:
+        full_pools, rest = divmod(len(self.src_lengths), self.batch_size * self.bucket_batches)
+        total = full_pools * self.bucket_batches + -(-rest // self.batch_size)
+        return total // self.world
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """This rank's batches of ``epoch``."""
+        batches = self.global_batches(epoch)
+        usable = len(batches) // self.world * self.world
+        return batches[self.rank : usable : self.world]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            batches = self.epoch_batches(self.epoch)
+            while self.position < len(batches):
+                batch = batches[self.position]
+                self.position += 1
+                yield batch.tolist()
+            self.epoch += 1
+            self.position = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world": self.world}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("world", self.world) != self.world or state.get("seed", self.seed) != self.seed:
+            raise ValueError(
+                f"sampler state is for seed {state.get('seed')} and {state.get('world')} ranks, "
+                f"this run has seed {self.seed} and {self.world} ranks"
+            )
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

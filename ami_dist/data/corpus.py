@@ -1,0 +1,55 @@
+"""The corpus of a run: raw (source, target) text pairs of each split, and their token ids."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ami_dist.config.schema import DataConfig
+from ami_dist.data.dialog import dialog_pairs, read_personachat
+from ami_dist.data.parallel import read_parallel
+from ami_dist.data.vocab import Vocab
+
+
+@dataclass
+class Split:
+    """One split: the raw text pairs (references for BLEU) and their ids under the shared vocabulary."""
+
+    pairs: list[tuple[str, str]]
+    src_ids: list[list[int]]
+    tgt_ids: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def reversed(self) -> Split:
+        """The same pairs seen by the backward network (T→S)."""
+        return Split([(t, s) for s, t in self.pairs], self.tgt_ids, self.src_ids)
+
+
+def read_split(cfg: DataConfig, split: str) -> list[tuple[str, str]]:
+    """Raw (source, target) pairs of ``split`` ("train" or "valid"); bad files raise DataError."""
+    if cfg.format == "parallel":
+        pairs = read_parallel(getattr(cfg, f"{split}_src"), getattr(cfg, f"{split}_tgt"))
+    else:
+        episodes = read_personachat(getattr(cfg, f"{split}_file"))
+        pairs = dialog_pairs(episodes, cfg.max_history_turns, cfg.include_persona)
+    if cfg.lowercase:
+        pairs = [(s.lower(), t.lower()) for s, t in pairs]
+    if split == "valid" and cfg.valid_limit:
+        pairs = pairs[: cfg.valid_limit]
+    return pairs
+
+
+def encode_split(pairs: list[tuple[str, str]], vocab: Vocab, max_src_len: int | None = None,
+                 max_tgt_len: int | None = None) -> tuple[Split, int]:
+    """Encode pairs; with length limits, over-long pairs are dropped. Returns the split and the drop count."""
+    src_ids = vocab.encode_batch([s for s, _ in pairs])
+    tgt_ids = vocab.encode_batch([t for _, t in pairs])
+    keep = [
+        i
+        for i in range(len(pairs))
+        if (max_src_len is None or len(src_ids[i]) <= max_src_len)
+        and (max_tgt_len is None or len(tgt_ids[i]) <= max_tgt_len)
+    ]
+    split = Split([pairs[i] for i in keep], [src_ids[i] for i in keep], [tgt_ids[i] for i in keep])
+    return split, len(pairs) - len(keep)
