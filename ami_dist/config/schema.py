@@ -1,0 +1,138 @@
+"""The run config tree: every knob of a run, its default, its bounds and a one-line description."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ami_dist.typed_config import spec
+from ami_dist.models.config import ModelConfig
+
+SCHEMA_VERSION = 1
+Fail = Callable[[str, str], Exception]
+
+
+@dataclass
+class DataConfig:
+    format: Literal["parallel", "personachat"] = spec(
+        "parallel", "parallel: aligned source/target files; personachat: ParlAI fbdialog text"
+    )
+    train_src: str | None = spec(None, "parallel: training source file, one sentence per line")
+    train_tgt: str | None = spec(None, "parallel: training target file, aligned with train_src")
+    valid_src: str | None = spec(None, "parallel: validation source file")
+    valid_tgt: str | None = spec(None, "parallel: validation target file")
+    train_file: str | None = spec(None, "personachat: training dialogs")
+    valid_file: str | None = spec(None, "personachat: validation dialogs")
+    max_history_turns: int = spec(3, "personachat: source = at most this many last turns of history", gt=0)
+    include_persona: bool = spec(False, "personachat: prepend the speaker's persona lines to the source")
+    max_src_len: int = spec(100, "training pairs whose source has more tokens are skipped", gt=0)
+    max_tgt_len: int = spec(100, "training pairs whose target has more tokens are skipped", gt=0)
+    lowercase: bool = spec(False, "lower-case all text (both sides) when it is read")
+    valid_limit: int = spec(0, "evaluate on the first N validation pairs only (0 = all)", ge=0)
+
+    def validate(self, fail: Fail) -> None:
+        needed = (
+            ("train_src", "train_tgt", "valid_src", "valid_tgt")
+            if self.format == "parallel"
+            else ("train_file", "valid_file")
+        )
+        for key in needed:
+            path = getattr(self, key)
+            if path is None:
+                raise fail(key, f"required for data.format {self.format!r}")
+            if not Path(path).is_file():
+                raise fail(key, f"file not found: {path}")
+
+
+@dataclass
+class VocabConfig:
+    kind: Literal["sentencepiece", "words"] = spec(
+        "sentencepiece",
+        "sentencepiece: BPE trained on the training side (NMT); words: split on spaces and punctuation (dialog)",
+    )
+    size: int = spec(8000, "vocabulary size, special tokens included", ge=8)
+    model: str | None = spec(None, "an existing sentencepiece model / word list to use instead of training one")
+    character_coverage: float = spec(1.0, "sentencepiece character coverage", gt=0, le=1)
+
+    def validate(self, fail: Fail) -> None:
+        if self.model is not None and not Path(self.model).is_file():
+            raise fail("model", f"file not found: {self.model}")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adam"] = spec("sgd", "optimizer: sgd (the paper's LSTMs) or adam")
+    lr: float = spec(1.0, "initial learning rate", gt=0)
+    momentum: float = spec(0.0, "SGD momentum", ge=0, lt=1)
+    adam_beta1: float = spec(0.9, "Adam beta1", ge=0, lt=1)
+    adam_beta2: float = spec(0.998, "Adam beta2 (the paper's Transformer setting)", ge=0, lt=1)
+    adam_eps: float = spec(1e-9, "Adam epsilon", gt=0)
+    weight_decay: float = spec(0.0, "L2 weight decay", ge=0)
+    max_grad_norm: float = spec(5.0, "clip gradients to this global norm (0 = no clipping)", ge=0)
+    decay_start: int = spec(15000, "first step at which the learning rate is decayed", ge=0)
+    decay_every: int = spec(5000, "decay again every this many steps", gt=0)
+    decay_factor: float = spec(0.95, "multiply the learning rate by this at each decay", gt=0, le=1)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = spec(64, "sentence pairs per optimizer step, summed over ranks and accumulation", gt=0)
+    grad_accum: int = spec(1, "micro-batches accumulated per optimizer step", gt=0)
+    max_steps: int = spec(1000, "optimizer steps of MLE training", gt=0)
+    label_smoothing: float = spec(0.0, "label smoothing of the token-level NLL", ge=0, lt=1)
+    log_every: int = spec(50, "log training metrics every N steps", gt=0)
+    valid_every: int = spec(0, "evaluate every N steps (0 = only at the end)", ge=0)
+    save_every: int = spec(0, "checkpoint every N steps (0 = only at the end)", ge=0)
+    bucket_batches: int = spec(100, "length bucketing: sort pools of this many batches by length", gt=0)
+    threads_per_rank: int = spec(0, "intra-op threads per rank (0 = CPU cores / local ranks)", ge=0)
+    eval_before_training: bool = spec(False, "also evaluate at step 0 (a baseline for the learning curve)")
+
+
+@dataclass
+class EvalConfig:
+    max_len_a: float = spec(1.5, "greedy decoding stops after max_len_a * source length + max_len_b", ge=0)
+    max_len_b: int = spec(10, "see max_len_a", ge=1)
+    batch_size: int = spec(64, "sentences per decoding batch on each rank", gt=0)
+    bleu_tokenize: Literal["13a", "none", "intl", "char", "zh", "ja-mecab", "flores200"] = spec(
+        "13a", "sacreBLEU tokenizer"
+    )
+    samples: int = spec(5, "validation examples printed and logged with their hypotheses", ge=0)
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = spec(None, "MLflow tracking URI (null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    experiment: str = spec("ami-dist", "MLflow experiment name")
+    enabled: bool = spec(True, "log to MLflow at all")
+
+
+@dataclass
+class RunConfig:
+    name: str = spec("run", "run name: the MLflow run name and the prefix of the run directory")
+    output_dir: str = spec("runs", "run directories (config, vocabulary, checkpoints, outputs) go under here")
+    seed: int = spec(1234, "seed for initialisation, shuffling and noise", ge=0)
+    task: Literal["nmt", "dialog"] = spec("nmt", "recorded as an MLflow tag; chooses nothing else")
+
+
+@dataclass
+class DistributedConfig:
+    deepspeed_config: str = spec(
+        "configs/ds_zero2.json", "DeepSpeed preset (ZeRO stage etc.); --deepspeed_config overrides it"
+    )
+    timeout_s: int = spec(600, "collective timeout: a rank that waits longer fails instead of hanging", gt=0)
+
+
+@dataclass
+class Config:
+    schema_version: int = spec(SCHEMA_VERSION, "version of this config schema", ge=1, le=SCHEMA_VERSION)
+    run: RunConfig = spec(RunConfig(), "run identity and output location")
+    data: DataConfig = spec(DataConfig(), "corpora and how they are read")
+    vocab: VocabConfig = spec(VocabConfig(), "the vocabulary shared by forward and backward networks")
+    model: ModelConfig = spec(ModelConfig(), "the forward and backward seq2seq networks")
+    optim: OptimConfig = spec(OptimConfig(), "optimizer and learning-rate schedule of each network")
+    train: TrainConfig = spec(TrainConfig(), "MLE training")
+    eval: EvalConfig = spec(EvalConfig(), "validation decoding and metrics")
+    tracking: TrackingConfig = spec(TrackingConfig(), "MLflow")
+    distributed: DistributedConfig = spec(DistributedConfig(), "DeepSpeed and torch.distributed")

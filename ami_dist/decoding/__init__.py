@@ -1,0 +1,1 @@
+"""Decoding (greedy now; beam search and reranking later)."""

@@ -1,0 +1,78 @@
+"""The attentional seq2seq network; the forward p(T|S) and backward q(S|T) networks are two instances."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ami_dist.models.config import ModelConfig
+from ami_dist.models.lstm import LSTMDecoder, LSTMEncoder, State
+
+PARAM_INIT = 0.1  # OpenNMT-py's default uniform initialisation range, which the paper's models used
+
+
+@dataclass
+class EncoderOutput:
+    memory: torch.Tensor  # (B, S, H) the memory bank the decoder attends to
+    keys: torch.Tensor  # (B, S, H) memory projected for attention scores
+    mask: torch.Tensor  # (B, S) True at real source tokens
+    state: State  # final encoder state, the decoder's initial state
+
+    def repeat(self, k: int) -> EncoderOutput:
+        """The same output tiled k times along the batch (sample-major: rows k*B .. k*B+B-1 are sample k)."""
+        h, c = self.state
+        return EncoderOutput(
+            self.memory.repeat(k, 1, 1), self.keys.repeat(k, 1, 1), self.mask.repeat(k, 1),
+            (h.repeat(1, k, 1), c.repeat(1, k, 1)),
+        )
+
+
+@dataclass
+class DecoderState:
+    rnn: State
+    feed: torch.Tensor  # the previous attentional output (input feeding)
+
+
+class Seq2Seq(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.pad_id = pad_id
+        self.src_emb = nn.Embedding(vocab_size, cfg.emb_dim, padding_idx=pad_id)
+        self.tgt_emb = self.src_emb if cfg.share_embeddings else nn.Embedding(vocab_size, cfg.emb_dim,
+                                                                              padding_idx=pad_id)
+        self.emb_dropout = nn.Dropout(cfg.dropout)
+        self.encoder = LSTMEncoder(cfg.emb_dim, cfg.hidden_size, cfg.enc_layers, cfg.dropout, cfg.bidirectional)
+        self.decoder = LSTMDecoder(cfg.emb_dim, cfg.hidden_size, cfg.dec_layers, cfg.dropout, cfg.attention,
+                                   cfg.input_feed)
+        self.generator = nn.Linear(cfg.hidden_size, vocab_size)
+        self.reset_parameters()
+        if cfg.tie_generator:
+            self.generator.weight = self.tgt_emb.weight
+
+    def reset_parameters(self) -> None:
+        for p in self.parameters():
+            nn.init.uniform_(p, -PARAM_INIT, PARAM_INIT)
+        for emb in (self.src_emb, self.tgt_emb):
+            with torch.no_grad():
+                emb.weight[self.pad_id].zero_()
+
+    def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> EncoderOutput:
+        memory, state = self.encoder(self.emb_dropout(self.src_emb(src)), src_lengths)
+        mask = torch.arange(src.size(1), device=src.device).unsqueeze(0) < src_lengths.unsqueeze(1)
+        return EncoderOutput(memory, self.decoder.attn.keys(memory), mask, state)
+
+    def decode(self, tgt_in: torch.Tensor, enc: EncoderOutput,
+               state: DecoderState | None = None) -> tuple[torch.Tensor, DecoderState]:
+        """Attentional decoder outputs (B, T, H) for ``tgt_in``, continuing from ``state`` if given."""
+        rnn_state, feed = (enc.state, None) if state is None else (state.rnn, state.feed)
+        out, rnn_state, feed = self.decoder(self.emb_dropout(self.tgt_emb(tgt_in)), enc.memory, enc.keys,
+                                            enc.mask, rnn_state, feed)
+        return out, DecoderState(rnn_state, feed)
+
+    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits (B, T, vocab) of the next token at every target position."""
+        out, _ = self.decode(tgt_in, self.encode(src, src_lengths))
+        return self.generator(out)

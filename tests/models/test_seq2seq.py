@@ -1,0 +1,124 @@
+"""The LSTM seq2seq network: padding invariance, incremental decoding, weight sharing, greedy decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ami_dist.decoding.greedy import greedy_decode
+from ami_dist.models import ModelConfig, build_model
+
+V, PAD, BOS, EOS = 30, 0, 2, 3
+
+
+def _model(**overrides: object) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{"emb_dim": 12, "hidden_size": 16, "enc_layers": 2, "dec_layers": 2, "dropout": 0.0,
+                         **overrides})
+    return build_model(cfg, V, PAD).eval()
+
+
+def _src() -> tuple[torch.Tensor, torch.Tensor]:
+    src = torch.tensor([[5, 6, 7, 8], [9, 10, PAD, PAD]])
+    return src, torch.tensor([4, 2])
+
+
+@pytest.mark.parametrize("input_feed", [False, True])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_padding_and_batch_mates_do_not_change_a_sentence(input_feed: bool, bidirectional: bool) -> None:
+    model = _model(input_feed=input_feed, bidirectional=bidirectional)
+    src, lengths = _src()
+    tgt = torch.tensor([[BOS, 11, 12], [BOS, 13, 14]])
+    with torch.no_grad():
+        together = model(src, lengths, tgt)
+        alone = model(src[1:, :2], lengths[1:], tgt[1:])
+    assert together.shape == (2, 3, V)
+    torch.testing.assert_close(together[1], alone[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("input_feed", [False, True])
+def test_step_by_step_decoding_equals_teacher_forcing(input_feed: bool) -> None:
+    model = _model(input_feed=input_feed, bidirectional=True)
+    src, lengths = _src()
+    tgt = torch.tensor([[BOS, 11, 12, 13], [BOS, 14, 15, 16]])
+    with torch.no_grad():
+        full = model(src, lengths, tgt)
+        enc = model.encode(src, lengths)
+        state, steps = None, []
+        for t in range(tgt.size(1)):
+            out, state = model.decode(tgt[:, t : t + 1], enc, state)
+            steps.append(model.generator(out))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-6)
+
+
+def test_input_feeding_changes_the_model() -> None:
+    src, lengths = _src()
+    tgt = torch.tensor([[BOS, 11, 12], [BOS, 13, 14]])
+    with torch.no_grad():
+        a = _model(input_feed=True)(src, lengths, tgt)
+        b = _model(input_feed=False)(src, lengths, tgt)
+    assert a.shape == b.shape and not torch.allclose(a, b)
+
+
+def test_weight_sharing_options() -> None:
+    model = _model(share_embeddings=True, tie_generator=True, emb_dim=16)
+    assert model.src_emb.weight is model.tgt_emb.weight is model.generator.weight
+    separate = _model()
+    assert separate.src_emb.weight is not separate.tgt_emb.weight
+    names = {n for n, _ in model.named_parameters()}
+    assert "generator.weight" not in names or "src_emb.weight" not in names  # counted once
+
+
+def test_encoder_repeat_tiles_the_batch_sample_major() -> None:
+    model = _model()
+    src, lengths = _src()
+    enc = model.encode(src, lengths)
+    tiled = enc.repeat(3)
+    assert tiled.memory.shape[0] == 6
+    torch.testing.assert_close(tiled.memory[4:6], enc.memory)
+    torch.testing.assert_close(tiled.state[0][:, 2:4], enc.state[0])
+
+
+def test_greedy_output_is_the_argmax_of_its_own_teacher_forcing() -> None:
+    model = _model(input_feed=True)
+    src, lengths = _src()
+    out = greedy_decode(model, src, lengths, bos_id=BOS, eos_id=EOS, max_len=6)
+    for row, ids in enumerate(out):
+        assert len(ids) <= 6 and EOS not in ids
+        tgt = torch.tensor([[BOS, *ids]])
+        with torch.no_grad():
+            logits = model(src[row : row + 1, : int(lengths[row])], lengths[row : row + 1], tgt)
+        predicted = logits.argmax(-1)[0].tolist()
+        assert predicted[: len(ids)] == ids
+        if len(ids) < 6:  # it stopped because EOS was the argmax
+            assert predicted[len(ids)] == EOS
+
+
+def test_greedy_stops_at_eos_and_respects_max_len() -> None:
+    model = _model()
+    src, lengths = _src()
+    with torch.no_grad():
+        model.generator.bias.fill_(-100.0)
+        model.generator.bias[EOS] = 100.0
+    assert greedy_decode(model, src, lengths, bos_id=BOS, eos_id=EOS, max_len=5) == [[], []]
+    with torch.no_grad():
+        model.generator.bias[EOS] = -100.0
+        model.generator.bias[7] = 100.0
+    assert greedy_decode(model, src, lengths, bos_id=BOS, eos_id=EOS, max_len=4) == [[7] * 4, [7] * 4]
+
+
+def test_greedy_keeps_stepping_until_every_rank_is_done() -> None:
+    model = _model()
+    src, lengths = _src()
+    calls = []
+
+    def others_need_three_more_steps(done: bool) -> bool:
+        calls.append(done)
+        return done and len(calls) > 4
+
+    with torch.no_grad():
+        model.generator.bias.fill_(-100.0)
+        model.generator.bias[EOS] = 100.0
+    assert greedy_decode(model, src, lengths, bos_id=BOS, eos_id=EOS, max_len=10,
+                         all_done=others_need_three_more_steps) == [[], []]
+    assert len(calls) == 5  # kept calling the decoder after finishing locally
