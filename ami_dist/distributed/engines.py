@@ -1,0 +1,100 @@
+"""DeepSpeed engines: the ZeRO preset plus computed batch arithmetic, one engine per network, gathering."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ami_dist.config.schema import OptimConfig, TrainConfig
+from ami_dist.errors import ConfigError
+
+# Written by us from the run config; a preset that sets them differently is a mistake worth reporting.
+COMPUTED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                 "gradient_clipping")
+
+
+def load_preset(path: str | Path) -> dict[str, Any]:
+    """Read a DeepSpeed JSON preset; errors name the file (and line for JSON syntax)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        presets = ", ".join(sorted(p.name for p in Path("configs").glob("ds_*.json"))) or "none found"
+        raise ConfigError(f"{path}: DeepSpeed preset not found (presets in configs/: {presets})") from None
+    except (IsADirectoryError, UnicodeDecodeError):
+        raise ConfigError(f"{path}: expected a UTF-8 JSON file") from None
+    try:
+        preset = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(preset, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    stage = preset.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage: expected 0, 1, 2 or 3, got {stage!r}")
+    for key in ("optimizer", "scheduler"):
+        if key in preset:
+            raise ConfigError(f"{path}: {key}: set the optimizer and its schedule in the run config's optim "
+                              "section, not in the DeepSpeed preset")
+    return preset
+
+
+def micro_batch_size(batch_size: int, world_size: int, grad_accum: int) -> int:
+    """Sentences per rank per micro-step; the global batch must split evenly."""
+    per_step = world_size * grad_accum
+    if batch_size % per_step:
+        raise ConfigError(
+            f"train.batch_size: {batch_size} does not divide by world size {world_size} x train.grad_accum "
+            f"{grad_accum} = {per_step}; choose a multiple of {per_step}"
+        )
+    return batch_size // per_step
+
+
+def resolve_ds_config(preset: dict[str, Any], preset_path: str | Path, train: TrainConfig, optim: OptimConfig,
+                      world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config of one network: the preset with batch sizes and clipping computed from ours."""
+    micro = micro_batch_size(train.batch_size, world_size, train.grad_accum)
+    computed = {
+        "train_batch_size": train.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": train.grad_accum,
+        "gradient_clipping": optim.max_grad_norm,
+    }
+    for key in COMPUTED_KEYS:
+        if key in preset and preset[key] != computed[key]:
+            raise ConfigError(
+                f"{preset_path}: {key}: the preset says {preset[key]!r} but the run config gives {computed[key]!r} "
+                "(leave it out of the preset: it is computed from train.batch_size, train.grad_accum, the "
+                "world size and optim.max_grad_norm)"
+            )
+    cfg = copy.deepcopy(preset)
+    cfg.update(computed)
+    # Our optimizers are client-side torch optimizers (SGD is not one of DeepSpeed's built-ins).
+    cfg["zero_allow_untested_optimizer"] = True
+    cfg.setdefault("steps_per_print", 10**9)
+    cfg.setdefault("wall_clock_breakdown", False)
+    return cfg
+
+
+def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, ds_config: dict[str, Any]) -> Any:
+    """Wrap one network in its own DeepSpeed engine (own optimizer, scheduler and ZeRO partitioning)."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config, dist_init_required=False)
+    return engine
+
+
+def full_parameters(engine: Any) -> dict[str, torch.Tensor]:
+    """Every parameter of the engine's network, whole (gathered from the shards under ZeRO-3), on CPU."""
+    model = engine.module
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}

@@ -1,0 +1,102 @@
+"""Experiment tracking behind one small interface: MLflow on rank 0, a no-op everywhere else.
+
+The default store is the embedded ``sqlite:///mlflow.db`` in the working directory; ``MLFLOW_TRACKING_URI``
+or ``tracking.uri`` in the run config choose another. Open the UI on the default store with
+``mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+_PARAMS_PER_BATCH = 100  # MLflow's limit on params in one log_batch call
+_PARAM_VALUE_MAX = 6000
+
+
+class Tracker(Protocol):
+    run_id: str | None
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+class NullTracker:
+    """Accepts everything, records nothing (ranks other than 0, or tracking disabled)."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+
+def resolve_uri(configured: str | None) -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else the embedded SQLite store in the working directory."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+class MlflowTracker:
+    """One MLflow run; metrics and params go in batches through MlflowClient (no global fluent state)."""
+
+    def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None) -> None:
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations on a new store are noisy
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        found = self.client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags or {}).info.run_id
+        self._finished = False
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:_PARAM_VALUE_MAX]) for k, v in params.items()]
+        for i in range(0, len(items), _PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[i : i + _PARAMS_PER_BATCH])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if not self._finished:
+            self.client.set_terminated(self.run_id, status)
+            self._finished = True
+
+
+def make_tracker(enabled: bool, is_main: bool, uri: str | None, experiment: str, run_name: str,
+                 tags: dict[str, str] | None = None) -> Tracker:
+    """An MLflow tracker on rank 0 when tracking is enabled, else a NullTracker."""
+    if not (enabled and is_main):
+        return NullTracker()
+    return MlflowTracker(resolve_uri(uri), experiment, run_name, tags)

@@ -1,0 +1,117 @@
+"""Assemble a run: run directory, shared vocabulary, encoded data, one DeepSpeed engine per network."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ami_dist.config import Config, flatten, save_config, to_dict
+from ami_dist.data.batching import ShardedBucketSampler
+from ami_dist.data.corpus import Split, encode_split, read_split
+from ami_dist.data.vocab import Vocab, train_vocab, vocab_from_bytes
+from ami_dist.distributed import Comm, build_engine, load_preset, resolve_ds_config
+from ami_dist.distributed.engines import micro_batch_size
+from ami_dist.errors import ConfigError
+from ami_dist.models import build_model
+from ami_dist.tracking import Tracker
+from ami_dist.training.context import Network, Run
+from ami_dist.training.optim import build_optimizer
+
+VOCAB_FILES = {"sentencepiece": "spm.model", "words": "vocab.txt"}
+
+
+def read_corpus(cfg: Config) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Raw training and validation pairs; read before the ranks meet so bad data fails fast everywhere."""
+    return read_split(cfg.data, "train"), read_split(cfg.data, "valid")
+
+
+def make_run_dir(cfg: Config, comm: Comm) -> Path:
+    """``<output_dir>/<name>-<time>`` chosen by rank 0 and shared, created with the resolved config in it."""
+
+    def create() -> str:
+        base = Path(cfg.run.output_dir) / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        path, n = base, 1
+        while path.exists():
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+        path.mkdir(parents=True)
+        save_config(cfg, path / "config.yaml")
+        return str(path)
+
+    return Path(comm.on_main(create))
+
+
+def build_vocab(cfg: Config, comm: Comm, train_pairs: list[tuple[str, str]], run_dir: Path) -> Vocab:
+    """One vocabulary for both directions: built (or loaded) on rank 0, broadcast as bytes, saved in the run."""
+
+    def build() -> bytes:
+        if cfg.vocab.model is not None:
+            vocab = vocab_from_bytes(cfg.vocab.kind, Path(cfg.vocab.model).read_bytes())
+        else:
+            sentences = [s for s, _ in train_pairs] + [t for _, t in train_pairs]
+            vocab = train_vocab(cfg.vocab.kind, sentences, cfg.vocab.size, cfg.vocab.character_coverage)
+        blob = vocab.to_bytes()
+        (run_dir / VOCAB_FILES[cfg.vocab.kind]).write_bytes(blob)
+        return blob
+
+    return vocab_from_bytes(cfg.vocab.kind, comm.on_main(build))
+
+
+def build_network(name: str, short: str, seed: int, cfg: Config, vocab: Vocab, ds_config: dict, train: Split,
+                  valid: Split) -> Network:
+    # Every rank builds the same initial weights from the seed; ZeRO-3 partitions them from there.
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, len(vocab), vocab.pad_id)
+    optimizer, scheduler = build_optimizer(list(model.parameters()), cfg.optim)
+    return Network(name, short, build_engine(model, optimizer, scheduler, ds_config), train, valid)
+
+
+def resolve_deepspeed(cfg: Config, preset_path: str, world_size: int) -> dict:
+    """The DeepSpeed config every network's engine gets (checked before any rank starts working)."""
+    return resolve_ds_config(load_preset(preset_path), preset_path, cfg.train, cfg.optim, world_size)
+
+
+def build_run(cfg: Config, comm: Comm, run_dir: Path, tracker: Tracker, ds_config: dict, preset_path: str,
+              train_pairs: list[tuple[str, str]], valid_pairs: list[tuple[str, str]]) -> Run:
+    vocab = build_vocab(cfg, comm, train_pairs, run_dir)
+    train, dropped = encode_split(train_pairs, vocab, cfg.data.max_src_len, cfg.data.max_tgt_len)
+    valid, _ = encode_split(valid_pairs, vocab)
+    if len(train) == 0:
+        raise ConfigError(f"data.max_src_len / data.max_tgt_len: all {len(train_pairs)} training pairs are "
+                          "longer than the limits")
+    micro = micro_batch_size(cfg.train.batch_size, comm.world_size, cfg.train.grad_accum)
+    sampler = ShardedBucketSampler([len(s) for s in train.src_ids], [len(t) for t in train.tgt_ids], micro,
+                                   rank=comm.rank, world=comm.world_size, seed=cfg.run.seed,
+                                   bucket_batches=cfg.train.bucket_batches)
+    networks = [
+        build_network("forward", "fw", cfg.run.seed, cfg, vocab, ds_config, train, valid),
+        build_network("backward", "bw", cfg.run.seed + 1, cfg, vocab, ds_config, train.reversed(),
+                      valid.reversed()),
+    ]
+    run = Run(cfg, comm, run_dir, vocab, networks, sampler, tracker)
+    if comm.is_main:
+        for net in networks:
+            path = run_dir / f"deepspeed_{net.name}.json"
+            path.write_text(json.dumps(ds_config, indent=2) + "\n", encoding="utf-8")
+            tracker.log_artifact(path, "config")
+        tracker.log_artifact(run_dir / "config.yaml", "config")
+        tracker.log_artifact(run_dir / VOCAB_FILES[cfg.vocab.kind], "vocab")
+        params = flatten(to_dict(cfg))
+        # ZeRO-3 leaves each rank a shard; ds_numel is the whole parameter's size.
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in networks[0].engine.module.parameters())
+        params.update({
+            "deepspeed_config": preset_path,
+            "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0),
+            "world_size": comm.world_size,
+            "micro_batch_size": micro,
+            "vocab_size": len(vocab),
+            "train_pairs": len(train),
+            "train_pairs_dropped_too_long": dropped,
+            "valid_pairs": len(valid),
+            "params_per_network": n_params,
+        })
+        tracker.log_params(params)
+    return run

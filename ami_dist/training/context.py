@@ -1,0 +1,47 @@
+"""What a training run holds: config, ranks, vocabulary, data, the networks' engines and the tracker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ami_dist.config.schema import Config
+from ami_dist.data.batching import Batch, ShardedBucketSampler, make_batch
+from ami_dist.data.corpus import Split
+from ami_dist.data.vocab import Vocab
+from ami_dist.distributed.comm import Comm
+from ami_dist.tracking import Tracker
+
+
+@dataclass
+class Network:
+    """One seq2seq network and the direction it reads the data in."""
+
+    name: str  # "forward" (S→T) or "backward" (T→S)
+    short: str  # metric prefix: "fw" or "bw"
+    engine: Any  # its DeepSpeed engine
+    train: Split  # training data seen in this network's direction
+    valid: Split
+
+    def batch(self, indices: list[int], vocab: Vocab, split: Split | None = None) -> Batch:
+        data = self.train if split is None else split
+        return make_batch([data.src_ids[i] for i in indices], [data.tgt_ids[i] for i in indices],
+                          vocab.pad_id, vocab.bos_id, vocab.eos_id)
+
+
+@dataclass
+class Run:
+    cfg: Config
+    comm: Comm
+    run_dir: Path
+    vocab: Vocab
+    networks: list[Network]
+    sampler: ShardedBucketSampler
+    tracker: Tracker
+    step: int = 0
+    last_eval: dict[str, float] = field(default_factory=dict)
+    bleu_signature: str = ""
+
+    def network(self, name: str) -> Network:
+        return next(n for n in self.networks if n.name == name)

@@ -1,0 +1,160 @@
+"""Target tokens/s of the MLE training step, against a plain PyTorch loop measured in the same run.
+
+Each variant runs in its own process (so peak RSS is its own) on the same batches from the config's
+training data, after warm-up steps:
+
+  torch       plain PyTorch: forward, backward, clip, optimizer step (the reference)
+  deepspeed   our MLE step (ami_dist.training.mle.mle_step) on a DeepSpeed engine, 1 rank
+  deepspeed2  the same on 2 ranks (torchrun, gloo), ZeRO from the preset; tokens summed over ranks
+
+Usage: python benchmarks/train_throughput.py [--config configs/dialog_lstm.yaml] [--steps 20]
+Defaults: the paper's dialog LSTM (2 layers, 500 hidden, batch 64) on the bundled PersonaChat sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _batches(cfg, world: int, rank: int, count: int):
+    from ami_dist.data.batching import ShardedBucketSampler, make_batch
+    from ami_dist.data.corpus import encode_split, read_split
+    from ami_dist.data.vocab import train_vocab
+    from ami_dist.distributed.engines import micro_batch_size
+
+    pairs = read_split(cfg.data, "train")
+    vocab = train_vocab(cfg.vocab.kind, [s for s, _ in pairs] + [t for _, t in pairs], cfg.vocab.size)
+    split, _ = encode_split(pairs, vocab, cfg.data.max_src_len, cfg.data.max_tgt_len)
+    micro = micro_batch_size(cfg.train.batch_size, world, cfg.train.grad_accum)
+    sampler = ShardedBucketSampler([len(s) for s in split.src_ids], [len(t) for t in split.tgt_ids], micro,
+                                   rank=rank, world=world, seed=cfg.run.seed)
+    it = iter(sampler)
+    batches = []
+    for _ in range(count):
+        idx = next(it)
+        batches.append(make_batch([split.src_ids[i] for i in idx], [split.tgt_ids[i] for i in idx],
+                                  vocab.pad_id, vocab.bos_id, vocab.eos_id))
+    return vocab, batches
+
+
+def worker(variant: str, config: str, preset: str, steps: int, warmup: int, out: str) -> None:
+    import torch
+
+    from ami_dist.config import load_config
+    from ami_dist.models import build_model
+    from ami_dist.training.losses import token_nll
+    from ami_dist.training.optim import build_optimizer
+
+    cfg = load_config(config)
+    if variant == "torch":
+        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+        rank, world = 0, 1
+    else:
+        from ami_dist.distributed import build_engine, init_distributed
+        from ami_dist.training.build import resolve_deepspeed
+
+        comm = init_distributed(cfg.distributed.timeout_s, cfg.train.threads_per_rank)
+        rank, world = comm.rank, comm.world_size
+    vocab, batches = _batches(cfg, world, rank, warmup + steps)
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg.model, len(vocab), vocab.pad_id)
+    optimizer, scheduler = build_optimizer(list(model.parameters()), cfg.optim)
+    if variant == "torch":
+        def step(batch) -> int:
+            logits = model(batch.src, batch.src_lengths, batch.tgt_in)
+            loss, ntok = token_nll(logits, batch.tgt_out, vocab.pad_id, cfg.train.label_smoothing)
+            (loss / ntok).backward()
+            if cfg.optim.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            return int(ntok)
+    else:
+        from ami_dist.training.mle import mle_step
+
+        engine = build_engine(model, optimizer, scheduler, resolve_deepspeed(cfg, preset, world))
+
+        def step(batch) -> int:
+            return mle_step(engine, batch, vocab.pad_id, cfg.train.label_smoothing)[1]
+
+    for batch in batches[:warmup]:
+        step(batch)
+    tokens = src_tokens = 0
+    started = time.perf_counter()
+    for batch in batches[warmup:]:
+        tokens += step(batch)
+        src_tokens += int(batch.src_lengths.sum())
+    elapsed = time.perf_counter() - started
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = [float(tokens), float(src_tokens), elapsed, rss_mb]
+    if variant != "torch":
+        import torch.distributed as dist
+
+        t = torch.tensor(result, dtype=torch.float64)
+        dist.all_reduce(t[:2])  # tokens summed over ranks; time and RSS are per rank
+        result = t.tolist()
+    if rank == 0:
+        Path(out).write_text(json.dumps({"tgt_tokens": result[0], "src_tokens": result[1], "seconds": result[2],
+                                         "peak_rss_mb": result[3], "threads": torch.get_num_threads(),
+                                         "world": world, "steps": steps}))
+
+
+def run_variant(variant: str, args: argparse.Namespace, out: Path) -> dict:
+    env = {**os.environ, "BENCH_THREADS": str(args.threads)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    me = [str(Path(__file__).resolve()), "--worker", variant, "--config", args.config, "--preset", args.preset,
+          "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", str(out)]
+    if variant == "deepspeed2":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29655", *me]
+    else:
+        cmd = [sys.executable, *me]
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/dialog_lstm.yaml")
+    parser.add_argument("--preset", default="configs/ds_zero2.json")
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="threads of the 1-rank variants")
+    parser.add_argument("--variants", default="torch,deepspeed,deepspeed2")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.config, args.preset, args.steps, args.warmup, args.out)
+        return
+    import tempfile
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in args.variants.split(","):
+            print(f"running {variant} ...", flush=True)
+            results[variant] = run_variant(variant, args, Path(tmp) / f"{variant}.json")
+    ref = results.get("torch")
+    print(f"\nMLE step throughput, config {args.config}, {args.steps} timed steps after {args.warmup} warm-up")
+    print(f"{'variant':12s} {'ranks':>5s} {'thr/rank':>8s} {'tgt tok/s':>10s} {'src tok/s':>10s} {'ms/step':>8s} "
+          f"{'peak RSS MB':>11s} {'vs torch':>8s}")
+    for name, r in results.items():
+        tps = r["tgt_tokens"] / r["seconds"]
+        ratio = f"{tps / (ref['tgt_tokens'] / ref['seconds']):.2f}x" if ref else "-"
+        print(f"{name:12s} {r['world']:5d} {r['threads']:8d} {tps:10.0f} {r['src_tokens'] / r['seconds']:10.0f} "
+              f"{1000 * r['seconds'] / r['steps']:8.1f} {r['peak_rss_mb']:11.0f} {ratio:>8s}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()

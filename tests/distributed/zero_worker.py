@@ -1,0 +1,64 @@
+"""Worker for test_zero_stages: trains both networks for a few steps under a ZeRO preset, then dumps
+the losses it saw and the whole (gathered) parameters of each network, one file per rank.
+
+Run by the test under torchrun: ``torchrun --nproc_per_node 2 zero_worker.py CONFIG PRESET OUT_DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ami_dist.config import load_config
+from ami_dist.distributed import detect_launch, full_parameters, init_distributed
+from ami_dist.training.build import build_run, make_run_dir, read_corpus, resolve_deepspeed
+from ami_dist.training.mle import train_mle
+
+
+class RecordingTracker:
+    """Keeps every logged metric in memory (the test reads them back from a JSON file)."""
+
+    run_id = None
+
+    def __init__(self) -> None:
+        self.metrics: list[tuple[int, dict[str, float]]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def log_params(self, params: dict) -> None:
+        pass
+
+    def log_artifact(self, path: object, artifact_path: object = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+
+def main() -> None:
+    config, preset, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    cfg = load_config(config)
+    ds_config = resolve_deepspeed(cfg, preset, detect_launch().world_size)
+    train_pairs, valid_pairs = read_corpus(cfg)
+    comm = init_distributed(cfg.distributed.timeout_s, 1)
+    tracker = RecordingTracker()
+    run = build_run(cfg, comm, make_run_dir(cfg, comm), tracker, ds_config, preset, train_pairs, valid_pairs)
+    train_mle(run)
+    params = {net.name: full_parameters(net.engine) for net in run.networks}
+    torch.save(params, out / f"params_rank{comm.rank}.pt")
+    (out / f"metrics_rank{comm.rank}.json").write_text(json.dumps({
+        "metrics": tracker.metrics,
+        "zero_stage": run.networks[0].engine.zero_optimization_stage(),
+        "world_size": comm.world_size,
+    }))
+
+
+if __name__ == "__main__":
+    main()

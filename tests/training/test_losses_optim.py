@@ -1,0 +1,54 @@
+"""Losses ignore padding; the learning-rate schedule follows the paper's step decays."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ami_dist.config.schema import OptimConfig
+from ami_dist.training.losses import sentence_nll, token_nll
+from ami_dist.training.optim import build_optimizer, step_decay
+
+
+def test_token_nll_ignores_padding() -> None:
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]]))
+    target = torch.tensor([[1, 0]])  # second position is padding (id 0)
+    loss, ntok = token_nll(logits, target, pad_id=0)
+    assert int(ntok) == 1
+    assert float(loss) == pytest.approx(-math.log(0.25))
+
+
+def test_sentence_nll_sums_and_normalises() -> None:
+    probs = torch.tensor([[[0.1, 0.6, 0.3], [0.1, 0.2, 0.7]], [[0.1, 0.5, 0.4], [0.1, 0.5, 0.4]]])
+    target = torch.tensor([[1, 2], [2, 0]])
+    nll = sentence_nll(probs.log(), target, pad_id=0)
+    assert nll.tolist() == pytest.approx([-math.log(0.6) - math.log(0.7), -math.log(0.4)])
+    normalised = sentence_nll(probs.log(), target, pad_id=0, length_normalise=True)
+    assert normalised.tolist() == pytest.approx([(-math.log(0.6) - math.log(0.7)) / 2, -math.log(0.4)])
+
+
+def test_dialog_schedule_from_the_paper() -> None:
+    # ×0.95 every 5,000 steps from step 15,000
+    assert step_decay(14999, 15000, 5000, 0.95) == 1.0
+    assert step_decay(15000, 15000, 5000, 0.95) == pytest.approx(0.95)
+    assert step_decay(19999, 15000, 5000, 0.95) == pytest.approx(0.95)
+    assert step_decay(20000, 15000, 5000, 0.95) == pytest.approx(0.95**2)
+
+
+def test_nmt_schedule_halves_every_17k_after_170k() -> None:
+    assert step_decay(169_999, 170_000, 17_000, 0.5) == 1.0
+    assert step_decay(170_000, 170_000, 17_000, 0.5) == 0.5
+    assert step_decay(204_000, 170_000, 17_000, 0.5) == 0.125
+
+
+def test_scheduler_applies_the_decay_to_the_optimizer() -> None:
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt, sched = build_optimizer([param], OptimConfig(lr=1.0, decay_start=3, decay_every=2, decay_factor=0.5))
+    seen = []
+    for _ in range(6):
+        seen.append(opt.param_groups[0]["lr"])  # the LR used by this (1-based) step
+        opt.step()
+        sched.step()
+    assert seen == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
