@@ -59,6 +59,9 @@ def run_training(args: argparse.Namespace) -> int:
     # Everything a user can get wrong is checked before the ranks meet, so a mistake fails fast on
     # every rank instead of leaving the others waiting in a collective.
     cfg = load_config(args.config, args.overrides)
+    from ami_dist import ops
+
+    ops.set_impl(cfg.lns.impl)
     preset_path = args.deepspeed_config or cfg.distributed.deepspeed_config
     ds_config = resolve_deepspeed(cfg, preset_path, detect_launch().world_size)
     train_pairs, valid_pairs = read_corpus(cfg)

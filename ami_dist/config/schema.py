@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ami_dist.typed_config import spec
 from ami_dist.models.config import ModelConfig
+from ami_dist.typed_config import spec
 
 SCHEMA_VERSION = 1
 Fail = Callable[[str, str], Exception]
@@ -125,6 +125,15 @@ class DistributedConfig:
 
 
 @dataclass
+class LNSConfig:
+    impl: Literal["auto", "fused", "reference"] = spec(
+        "auto", "latent-noise op: fused C++/CUDA, the pure-PyTorch reference, or auto (fused when built)"
+    )
+    k: int = spec(5, "latent noise samples per sentence, decoded as one batch of K·B (official code: 5)", ge=1)
+    lam: float = spec(0.1, "λ, the scale of the latent perturbation h + λ·δ (paper: 0.1)", ge=0)
+
+
+@dataclass
 class Config:
     schema_version: int = spec(SCHEMA_VERSION, "version of this config schema", ge=1, le=SCHEMA_VERSION)
     run: RunConfig = spec(RunConfig(), "run identity and output location")
@@ -134,5 +143,6 @@ class Config:
     optim: OptimConfig = spec(OptimConfig(), "optimizer and learning-rate schedule of each network")
     train: TrainConfig = spec(TrainConfig(), "MLE training")
     eval: EvalConfig = spec(EvalConfig(), "validation decoding and metrics")
+    lns: LNSConfig = spec(LNSConfig(), "latent noise sampling (the AMI phases)")
     tracking: TrackingConfig = spec(TrackingConfig(), "MLflow")
     distributed: DistributedConfig = spec(DistributedConfig(), "DeepSpeed and torch.distributed")

@@ -64,6 +64,19 @@ class Seq2Seq(nn.Module):
         mask = torch.arange(src.size(1), device=src.device).unsqueeze(0) < src_lengths.unsqueeze(1)
         return EncoderOutput(memory, self.decoder.attn.keys(memory), mask, state)
 
+    def perturbed(self, enc: EncoderOutput, memory: torch.Tensor) -> EncoderOutput:
+        """``enc`` with its memory bank replaced by K perturbed copies (K, B, S, H), as one batch of K·B.
+
+        Rows k·B .. k·B + B − 1 hold copy k (the layout of ``lns_sample``'s h_noisy flattened), so the
+        decoder runs all K samples in one call. Attention keys are recomputed from the noisy memory; the
+        mask and the decoder's initial state are tiled (latent noise sampling perturbs the memory bank).
+        """
+        k, batch = memory.shape[:2]
+        flat = memory.reshape(k * batch, *memory.shape[2:])
+        h, c = enc.state
+        return EncoderOutput(flat, self.decoder.attn.keys(flat), enc.mask.repeat(k, 1),
+                             (h.repeat(1, k, 1), c.repeat(1, k, 1)))
+
     def decode(self, tgt_in: torch.Tensor, enc: EncoderOutput,
                state: DecoderState | None = None) -> tuple[torch.Tensor, DecoderState]:
         """Attentional decoder outputs (B, T, H) for ``tgt_in``, continuing from ``state`` if given."""

@@ -122,3 +122,31 @@ def test_greedy_keeps_stepping_until_every_rank_is_done() -> None:
     assert greedy_decode(model, src, lengths, bos_id=BOS, eos_id=EOS, max_len=10,
                          all_done=others_need_three_more_steps) == [[], []]
     assert len(calls) == 5  # kept calling the decoder after finishing locally
+
+
+def test_noisy_memory_banks_decode_as_one_batch_of_k_times_b() -> None:
+    from ami_dist.ops import lns_sample
+
+    model = _model(input_feed=True, bidirectional=True)
+    src, lengths = _src()
+    tgt = torch.tensor([[BOS, 11, 12], [BOS, 13, 14]])
+    k = 3
+    with torch.no_grad():
+        enc = model.encode(src, lengths)
+        mu = torch.randn_like(enc.memory)
+        h_noisy, _ = lns_sample(enc.memory.contiguous(), mu, k, 0.1, seed=5, offset=0, mask=enc.mask)
+        assert h_noisy.shape == (k, *enc.memory.shape)
+        batched = model.perturbed(enc, h_noisy)
+        assert batched.memory.shape[0] == k * 2
+        together = model.generator(model.decode(tgt.repeat(k, 1), batched)[0])
+        assert not torch.allclose(together[:2], together[2:4])  # different noise, different outputs
+        for i in range(k):  # the reference: one sample at a time
+            alone = model.perturbed(enc, h_noisy[i : i + 1])
+            logits = model.generator(model.decode(tgt, alone)[0])
+            torch.testing.assert_close(together[i * 2 : (i + 1) * 2], logits, rtol=1e-5, atol=1e-6)
+        # padding keeps the clean states: the perturbation is masked
+        torch.testing.assert_close(h_noisy[:, 1, 2:], enc.memory[1, 2:].expand(k, -1, -1))
+        # no noise (λ = 0) reproduces the clean teacher-forced logits for every sample
+        clean, _ = lns_sample(enc.memory.contiguous(), mu, k, 0.0, seed=5, offset=0, mask=enc.mask)
+        quiet = model.generator(model.decode(tgt.repeat(k, 1), model.perturbed(enc, clean))[0])
+        torch.testing.assert_close(quiet, model(src, lengths, tgt).repeat(k, 1, 1), rtol=1e-5, atol=1e-6)
