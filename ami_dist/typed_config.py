@@ -133,9 +133,11 @@ def build(cls: type, data: Mapping[str, Any], loc: Located, prefix: str = "") ->
             raise ConfigError(f"{loc.where(key)}: unknown key (known keys here: {known})")
     kwargs = {}
     for name, f in fields.items():
-        if name not in data:
-            continue
         key = f"{prefix}.{name}" if prefix else name
+        if name not in data:
+            if dataclasses.is_dataclass(hints[name]):  # an omitted section still gets validated
+                kwargs[name] = build(hints[name], {}, loc, prefix=key)
+            continue
         value = _convert(data[name], hints[name], key, loc)
         _check_bounds(value, f.metadata, key, loc)
         kwargs[name] = value

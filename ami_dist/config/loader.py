@@ -7,8 +7,8 @@ from typing import Any
 
 import yaml
 
-from ami_dist.typed_config import Located
 from ami_dist.errors import ConfigError
+from ami_dist.typed_config import Located
 
 
 def _record_places(node: yaml.Node, path: str, source: str, places: dict[str, str]) -> None:

@@ -75,6 +75,12 @@ def test_missing_required_file_key_for_format(tiny: dict, tmp_path: Path) -> Non
     assert "data.valid_tgt: required for data.format 'parallel'" in _error(write_config(tmp_path, tiny))
 
 
+def test_omitted_section_is_still_validated(tmp_path: Path) -> None:
+    path = tmp_path / "no_data.yaml"
+    path.write_text("run:\n  name: x\n", encoding="utf-8")
+    assert f"{path}: data.train_src: required for data.format 'parallel'" in _error(path)
+
+
 def test_bad_override_names_the_command_line(tiny: dict, tmp_path: Path) -> None:
     path = write_config(tmp_path, tiny)
     assert "command line: train.max_stepz: unknown key" in _error(path, ["train.max_stepz=5"])
