@@ -7,6 +7,7 @@ file, line and dotted key of the first value that does not fit.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -30,8 +31,7 @@ def spec(
     if isinstance(default, list | dict):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     if dataclasses.is_dataclass(default):
-        factory = type(default)
-        return dataclasses.field(default_factory=factory, metadata=meta)
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -134,11 +134,21 @@ def build(cls: type, data: Mapping[str, Any], loc: Located, prefix: str = "") ->
     kwargs = {}
     for name, f in fields.items():
         key = f"{prefix}.{name}" if prefix else name
-        if name not in data:
-            if dataclasses.is_dataclass(hints[name]):  # an omitted section still gets validated
-                kwargs[name] = build(hints[name], {}, loc, prefix=key)
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            # A section starts from the field's own default (which may differ from its class defaults)
+            # with the given keys on top; an omitted section is built too, so its checks still run.
+            given = data.get(name, {})
+            if not isinstance(given, Mapping):
+                raise ConfigError(f"{loc.where(key)}: expected a mapping, got {given!r}")
+            unknown = [k for k in given if k not in {g.name for g in dataclasses.fields(tp)}]
+            if not unknown:
+                given = {**to_dict(f.default_factory()), **given}  # type: ignore[misc]
+            kwargs[name] = build(tp, given, loc, prefix=key)
             continue
-        value = _convert(data[name], hints[name], key, loc)
+        if name not in data:
+            continue
+        value = _convert(data[name], tp, key, loc)
         _check_bounds(value, f.metadata, key, loc)
         kwargs[name] = value
     obj = cls(**kwargs)
