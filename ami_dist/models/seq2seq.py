@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -85,7 +86,22 @@ class Seq2Seq(nn.Module):
                                             enc.mask, rnn_state, feed)
         return out, DecoderState(rnn_state, feed)
 
-    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits (B, T, vocab) of the next token at every target position."""
-        out, _ = self.decode(tgt_in, self.encode(src, src_lengths))
+    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor | None = None, *,
+                perturb: Callable[[Seq2Seq, EncoderOutput], EncoderOutput] | None = None,
+                targets: Callable[[Seq2Seq, EncoderOutput], torch.Tensor] | None = None) -> torch.Tensor:
+        """Teacher-forced logits (N, T, vocab) of the next token at every target position.
+
+        Hooks let a caller change what is decoded inside one forward call (so a DeepSpeed engine sees a
+        single forward, and dropout masks are shared): ``perturb`` replaces the encoder output (e.g. by
+        K noisy copies, N = K·B), and ``targets`` chooses the decoder input from the (perturbed) encoder
+        output instead of ``tgt_in`` (e.g. the network's own argmax predictions).
+        """
+        enc = self.encode(src, src_lengths)
+        if perturb is not None:
+            enc = perturb(self, enc)
+        if targets is not None:
+            tgt_in = targets(self, enc)
+        if tgt_in is None:
+            raise ValueError("forward needs tgt_in or a targets hook")
+        out, _ = self.decode(tgt_in, enc)
         return self.generator(out)
