@@ -26,15 +26,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = _Parser(
         prog="ami_dist/train.py",
         description="Train the forward and backward seq2seq networks of AMI with DeepSpeed; track in MLflow.",
-        epilog="Overrides: any config key as key.path=value, e.g. train.max_steps=200 model.dropout=0.1",
+        epilog="Overrides: any config key as key.path=value, e.g. train.mle_steps=200 model.dropout=0.1",
     )
-    parser.add_argument("--config", required=True, help="run config (YAML), e.g. configs/nmt_demo.yaml")
+    parser.add_argument("--config", help="run config (YAML), e.g. configs/nmt_demo.yaml")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue a run from its newest checkpoint, into the same MLflow run "
+                        "(uses RUN_DIR/config.yaml unless --config is given)")
     parser.add_argument("--deepspeed_config", default=None,
                         help="DeepSpeed preset (JSON), e.g. configs/ds_zero2.json "
                         "(default: the config's distributed.deepspeed_config)")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.config is None and args.resume is None:
+        parser.error("one of --config or --resume is required")
+    return args
 
 
 def _quiet_libraries() -> None:
@@ -50,32 +56,51 @@ def _quiet_libraries() -> None:
 
 def run_training(args: argparse.Namespace) -> int:
     """The whole run; returns the process exit code."""
+    from pathlib import Path
+
+    from ami_dist import ops
     from ami_dist.config import load_config
     from ami_dist.distributed import detect_launch, init_distributed, shutdown
     from ami_dist.tracking import make_tracker
     from ami_dist.training.build import build_run, make_run_dir, read_corpus, resolve_deepspeed
-    from ami_dist.training.mle import train_mle
+    from ami_dist.training.checkpoint import latest_tag, resume
+    from ami_dist.training.loop import train
 
     # Everything a user can get wrong is checked before the ranks meet, so a mistake fails fast on
     # every rank instead of leaving the others waiting in a collective.
-    cfg = load_config(args.config, args.overrides)
-    from ami_dist import ops
-
+    resume_dir = Path(args.resume) if args.resume else None
+    if resume_dir is not None and not (resume_dir / "config.yaml").is_file():
+        raise UserError(f"--resume {resume_dir}: not a run directory (no config.yaml in it)")
+    cfg = load_config(args.config or resume_dir / "config.yaml", args.overrides)
     ops.set_impl(cfg.lns.impl)
     preset_path = args.deepspeed_config or cfg.distributed.deepspeed_config
-    ds_config = resolve_deepspeed(cfg, preset_path, detect_launch().world_size)
+    cfg.distributed.deepspeed_config = preset_path  # the saved config says which preset ran
+    ds_configs = resolve_deepspeed(cfg, preset_path, detect_launch().world_size)
+    tag = latest_tag(resume_dir) if resume_dir is not None else None
     train_pairs, valid_pairs = read_corpus(cfg)
     _quiet_libraries()
     comm = init_distributed(cfg.distributed.timeout_s, cfg.train.threads_per_rank)
     _quiet_libraries()
-    run_dir = make_run_dir(cfg, comm)
+    run_dir = resume_dir if resume_dir is not None else make_run_dir(cfg, comm)
+    run_id_file = run_dir / "mlflow_run_id"
+    previous_run = run_id_file.read_text().strip() if resume_dir is not None and run_id_file.is_file() else None
     tracker = make_tracker(cfg.tracking.enabled, comm.is_main, cfg.tracking.uri, cfg.tracking.experiment,
-                           f"{cfg.run.name}", {"task": cfg.run.task, "model_family": cfg.model.family,
-                                               "launcher": comm.info.launcher, "run_dir": str(run_dir)})
+                           cfg.run.name, {"task": cfg.run.task, "model_family": cfg.model.family,
+                                          "launcher": comm.info.launcher, "run_dir": str(run_dir)},
+                           run_id=previous_run)
+    if tracker.run_id and comm.is_main:
+        run_id_file.write_text(tracker.run_id + "\n")
     try:
-        run = build_run(cfg, comm, run_dir, tracker, ds_config, preset_path, train_pairs, valid_pairs)
-        metrics = train_mle(run)
-        if comm.is_main:
+        run = build_run(cfg, comm, run_dir, tracker, ds_configs, preset_path, train_pairs, valid_pairs)
+        if tag is not None:
+            resume(run, tag)
+            if comm.is_main:
+                print(f"resumed {run_dir} from checkpoint {tag} (step {run.step})", flush=True)
+        metrics = train(run)
+        if comm.is_main and metrics is None:
+            print(f"stopped after step {run.step} of {run.schedule.total_steps} with a checkpoint; continue with "
+                  f"--resume {run_dir}", flush=True)
+        elif comm.is_main:
             _print_summary(run, metrics, tracker)
         tracker.finish("FINISHED")
     except BaseException as e:

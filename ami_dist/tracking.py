@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from ami_dist.errors import UserError
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 _PARAMS_PER_BATCH = 100  # MLflow's limit on params in one log_batch call
 _PARAM_VALUE_MAX = 6000
@@ -49,6 +51,14 @@ class NullTracker:
         pass
 
 
+def _artifact_location(uri: str) -> str | None:
+    """Artifacts of a SQLite store go next to its file (MLflow's default is ./mlruns of the working dir)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri.removeprefix("sqlite:///")).resolve()
+    return (db.parent / "mlartifacts").as_uri()
+
+
 def resolve_uri(configured: str | None) -> str:
     """Config value, else $MLFLOW_TRACKING_URI, else the embedded SQLite store in the working directory."""
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
@@ -57,16 +67,27 @@ def resolve_uri(configured: str | None) -> str:
 class MlflowTracker:
     """One MLflow run; metrics and params go in batches through MlflowClient (no global fluent state)."""
 
-    def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None) -> None:
+    def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None,
+                 run_id: str | None = None) -> None:
         logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations on a new store are noisy
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
-        found = self.client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
-        self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags or {}).info.run_id
         self._finished = False
+        if run_id is not None:  # a resumed run continues its MLflow run
+            try:
+                self.client.get_run(run_id)
+            except MlflowException:
+                raise UserError(f"MLflow run {run_id} not found in {uri} (cannot continue its history)") from None
+            self.client.update_run(run_id, status="RUNNING")
+            self.run_id = run_id
+            return
+        found = self.client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else self.client.create_experiment(
+            experiment, artifact_location=_artifact_location(uri))
+        self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags or {}).info.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -95,8 +116,8 @@ class MlflowTracker:
 
 
 def make_tracker(enabled: bool, is_main: bool, uri: str | None, experiment: str, run_name: str,
-                 tags: dict[str, str] | None = None) -> Tracker:
-    """An MLflow tracker on rank 0 when tracking is enabled, else a NullTracker."""
+                 tags: dict[str, str] | None = None, run_id: str | None = None) -> Tracker:
+    """An MLflow tracker on rank 0 when tracking is enabled (continuing ``run_id`` if given), else a no-op."""
     if not (enabled and is_main):
         return NullTracker()
-    return MlflowTracker(resolve_uri(uri), experiment, run_name, tags)
+    return MlflowTracker(resolve_uri(uri), experiment, run_name, tags, run_id)

@@ -82,7 +82,7 @@ def worker(variant: str, config: str, preset: str, steps: int, warmup: int, out:
     else:
         from ami_dist.training.mle import mle_step
 
-        engine = build_engine(model, optimizer, scheduler, resolve_deepspeed(cfg, preset, world))
+        engine = build_engine(model, optimizer, scheduler, resolve_deepspeed(cfg, preset, world)["forward"])
 
         def step(batch) -> int:
             return mle_step(engine, batch, vocab.pad_id, cfg.train.label_smoothing)[1]

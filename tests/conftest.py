@@ -29,7 +29,7 @@ def tiny_config(tmp_path: Path, **sections: dict) -> dict:
         "vocab": {"kind": "sentencepiece", "size": 1000},
         "model": {"emb_dim": 32, "hidden_size": 32, "enc_layers": 1, "dec_layers": 1, "input_feed": False,
                   "dropout": 0.0},
-        "train": {"batch_size": 16, "max_steps": 10, "log_every": 5},
+        "train": {"batch_size": 16, "mle_steps": 10, "log_every": 5},
         "eval": {"batch_size": 32, "max_len_b": 5},
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "tests"},
     }

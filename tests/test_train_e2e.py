@@ -29,7 +29,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
         data={"valid_limit": 200},
         model={"emb_dim": 64, "hidden_size": 64, "bidirectional": True},
         optim={"name": "adam", "lr": 0.005},
-        train={"batch_size": 32, "max_steps": STEPS, "log_every": 10, "save_every": 75,
+        train={"batch_size": 32, "mle_steps": STEPS, "log_every": 10, "save_every": 75,
                "eval_before_training": True},
         tracking={"experiment": "e2e"},
     )
@@ -70,7 +70,7 @@ def test_mlflow_run_has_params_metrics_and_artifacts(trained: dict) -> None:
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert params["model.hidden_size"] == "64"
-    assert params["train.max_steps"] == str(STEPS)
+    assert params["train.mle_steps"] == str(STEPS)
     assert params["zero_stage"] == "2" and params["world_size"] == "2" and params["micro_batch_size"] == "16"
     assert run.data.tags["task"] == "nmt" and run.data.tags["model_family"] == "lstm"
     assert run.data.tags["bleu_signature"].startswith("nrefs:1|")

@@ -80,7 +80,9 @@ class OptimConfig:
 class TrainConfig:
     batch_size: int = spec(64, "sentence pairs per optimizer step, summed over ranks and accumulation", gt=0)
     grad_accum: int = spec(1, "micro-batches accumulated per optimizer step", gt=0)
-    max_steps: int = spec(1000, "optimizer steps of MLE training", gt=0)
+    mle_steps: int = spec(
+        1000, "MLE steps of both networks (with ami.enabled: the pretraining before the first cycle)", ge=0
+    )
     label_smoothing: float = spec(0.0, "label smoothing of the token-level NLL", ge=0, lt=1)
     log_every: int = spec(50, "log training metrics every N steps", gt=0)
     valid_every: int = spec(0, "evaluate every N steps (0 = only at the end)", ge=0)
@@ -88,6 +90,10 @@ class TrainConfig:
     bucket_batches: int = spec(100, "length bucketing: sort pools of this many batches by length", gt=0)
     threads_per_rank: int = spec(0, "intra-op threads per rank (0 = CPU cores / local ranks)", ge=0)
     eval_before_training: bool = spec(False, "also evaluate at step 0 (a baseline for the learning curve)")
+    stop_after_steps: int = spec(
+        0, "end each invocation after this many steps, with a checkpoint (0 = run to the end of the schedule); "
+        "continue with --resume", ge=0,
+    )
 
 
 @dataclass
@@ -134,15 +140,61 @@ class LNSConfig:
 
 
 @dataclass
+class AMIConfig:
+    enabled: bool = spec(False, "run the AMI cycles after train.mle_steps of MLE (false: an MLE-only run)")
+    cycles: int = spec(10, "AMI cycles of noise, forward and backward phases", ge=0)
+    noise_steps: int = spec(4, "batches per noise phase (official code: 4; paper NMT: 5000)", ge=0)
+    forward_steps: int = spec(8, "batches per forward phase (official code: 8; paper NMT: 35)", ge=0)
+    backward_steps: int = spec(8, "batches per backward phase (official code: 8; paper NMT: 10000)", ge=0)
+    adv_every: int = spec(
+        2, "in the forward and backward phases, every adv_every-th batch adds an adversarial step to the MLE one",
+        ge=1,
+    )
+    baseline: bool = spec(True, "subtract the mean reward over the K samples of a sentence (variance reduction)")
+    score_term: bool = spec(True, "noise update: the score-function term −E[(R − b)·log p(δ | μ, σ)]")
+    strength_term: bool = spec(True, "noise update: the strength term −β·min(‖δ‖, cap), path-wise through the op")
+    strength_weight: float = spec(0.01, "β, the weight of the strength term", ge=0)
+    strength_cap: float = spec(
+        10.0, "cap on ‖δ‖ (over the model dimension) beyond which strength is not rewarded", gt=0
+    )
+    fw_adv_clip: float = spec(1.0, "gradient-norm clipping of the forward adversarial step (0 = none)", ge=0)
+    bw_adv_clip: float = spec(1.0, "gradient-norm clipping of the backward adversarial step (0 = none)", ge=0)
+    noise_inner_size: int = spec(0, "inner width of the noise network's Linear-ReLU-Linear (0 = hidden_size)", ge=0)
+    init_forward: str | None = spec(None, "start the forward network from this MLE checkpoint directory")
+    init_backward: str | None = spec(None, "start the backward network from this MLE checkpoint directory")
+
+    def validate(self, fail: Fail) -> None:
+        if self.enabled and self.cycles and self.noise_steps + self.forward_steps + self.backward_steps == 0:
+            raise fail("cycles", "a cycle needs at least one of noise_steps, forward_steps, backward_steps")
+        if self.enabled and self.noise_steps and not (self.score_term or self.strength_term):
+            raise fail("score_term", "the noise phase needs score_term or strength_term (or noise_steps: 0)")
+        for key in ("init_forward", "init_backward"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).is_dir():
+                raise fail(key, f"checkpoint directory not found: {path}")
+
+
+@dataclass
 class Config:
     schema_version: int = spec(SCHEMA_VERSION, "version of this config schema", ge=1, le=SCHEMA_VERSION)
     run: RunConfig = spec(RunConfig(), "run identity and output location")
     data: DataConfig = spec(DataConfig(), "corpora and how they are read")
     vocab: VocabConfig = spec(VocabConfig(), "the vocabulary shared by forward and backward networks")
     model: ModelConfig = spec(ModelConfig(), "the forward and backward seq2seq networks")
-    optim: OptimConfig = spec(OptimConfig(), "optimizer and learning-rate schedule of each network")
+    optim: OptimConfig = spec(OptimConfig(), "optimizer and LR schedule of the forward and backward networks")
+    noise_optim: OptimConfig = spec(
+        OptimConfig(name="adam", lr=1e-3, decay_start=10**9, adam_beta2=0.999, adam_eps=1e-8),
+        "optimizer and LR schedule of the noise network",
+    )
     train: TrainConfig = spec(TrainConfig(), "MLE training")
     eval: EvalConfig = spec(EvalConfig(), "validation decoding and metrics")
     lns: LNSConfig = spec(LNSConfig(), "latent noise sampling (the AMI phases)")
+    ami: AMIConfig = spec(AMIConfig(), "the alternating noise / forward / backward schedule")
     tracking: TrackingConfig = spec(TrackingConfig(), "MLflow")
     distributed: DistributedConfig = spec(DistributedConfig(), "DeepSpeed and torch.distributed")
+
+    def validate(self, fail: Fail) -> None:
+        if not self.ami.enabled and self.train.mle_steps == 0:
+            raise fail("train.mle_steps", "must be > 0 for an MLE-only run (ami.enabled is false)")
+        if self.ami.enabled and self.train.grad_accum != 1:
+            raise fail("train.grad_accum", "must be 1 with ami.enabled (each AMI step is one optimizer step)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +89,36 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
     return engine
+
+
+@contextmanager
+def gradient_clipping(engine: Any, max_norm: float) -> Iterator[None]:
+    """Clip this engine's gradients to ``max_norm`` (0 = no clipping) for the steps inside the block.
+
+    DeepSpeed fixes clipping at initialisation (in its config and, under ZeRO, in the optimizer);
+    AMI's adversarial steps clip differently from the MLE steps of the same network.
+    """
+    previous = engine.gradient_clipping()
+
+    def set_to(value: float) -> None:
+        engine._config.gradient_clipping = value
+        if hasattr(engine.optimizer, "clip_grad"):
+            engine.optimizer.clip_grad = value
+
+    set_to(max_norm)
+    try:
+        yield
+    finally:
+        set_to(previous)
+
+
+def load_module_weights(engine: Any, checkpoint_dir: str | Path) -> None:
+    """Load only the network weights of the newest checkpoint in ``checkpoint_dir`` (no optimizer state)."""
+    path, _ = engine.load_checkpoint(str(checkpoint_dir), load_module_only=True, load_optimizer_states=False,
+                                     load_lr_scheduler_states=False)
+    if path is None:
+        raise ConfigError(f"{checkpoint_dir}: no DeepSpeed checkpoint found (expected a 'latest' file and a tag "
+                          "directory, as written by a training run under checkpoints/<network>/)")
 
 
 def full_parameters(engine: Any) -> dict[str, torch.Tensor]:

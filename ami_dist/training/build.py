@@ -13,12 +13,15 @@ from ami_dist.data.batching import ShardedBucketSampler
 from ami_dist.data.corpus import Split, encode_split, read_split
 from ami_dist.data.vocab import Vocab, train_vocab, vocab_from_bytes
 from ami_dist.distributed import Comm, build_engine, load_preset, resolve_ds_config
-from ami_dist.distributed.engines import micro_batch_size
+from ami_dist.distributed.engines import load_module_weights, micro_batch_size
 from ami_dist.errors import ConfigError
 from ami_dist.models import build_model
+from ami_dist.models.noise import NoiseNetwork
 from ami_dist.tracking import Tracker
 from ami_dist.training.context import Network, Run
 from ami_dist.training.optim import build_optimizer
+from ami_dist.training.phases import make_stream
+from ami_dist.training.schedule import Schedule
 
 VOCAB_FILES = {"sentencepiece": "spm.model", "words": "vocab.txt"}
 
@@ -69,13 +72,25 @@ def build_network(name: str, short: str, seed: int, cfg: Config, vocab: Vocab, d
     return Network(name, short, build_engine(model, optimizer, scheduler, ds_config), train, valid)
 
 
-def resolve_deepspeed(cfg: Config, preset_path: str, world_size: int) -> dict:
-    """The DeepSpeed config every network's engine gets (checked before any rank starts working)."""
-    return resolve_ds_config(load_preset(preset_path), preset_path, cfg.train, cfg.optim, world_size)
+def resolve_deepspeed(cfg: Config, preset_path: str, world_size: int) -> dict[str, dict]:
+    """The DeepSpeed config of each network's engine (checked before any rank starts working)."""
+    preset = load_preset(preset_path)
+    seq2seq = resolve_ds_config(preset, preset_path, cfg.train, cfg.optim, world_size)
+    configs = {"forward": seq2seq, "backward": seq2seq}
+    if cfg.ami.enabled:
+        configs["noise"] = resolve_ds_config(preset, preset_path, cfg.train, cfg.noise_optim, world_size)
+    return configs
 
 
-def build_run(cfg: Config, comm: Comm, run_dir: Path, tracker: Tracker, ds_config: dict, preset_path: str,
-              train_pairs: list[tuple[str, str]], valid_pairs: list[tuple[str, str]]) -> Run:
+def build_schedule(cfg: Config) -> Schedule:
+    ami = cfg.ami
+    if not ami.enabled:
+        return Schedule(cfg.train.mle_steps, 0, 0, 0, 0)
+    return Schedule(cfg.train.mle_steps, ami.noise_steps, ami.forward_steps, ami.backward_steps, ami.cycles)
+
+
+def build_run(cfg: Config, comm: Comm, run_dir: Path, tracker: Tracker, ds_configs: dict[str, dict],
+              preset_path: str, train_pairs: list[tuple[str, str]], valid_pairs: list[tuple[str, str]]) -> Run:
     vocab = build_vocab(cfg, comm, train_pairs, run_dir)
     train, dropped = encode_split(train_pairs, vocab, cfg.data.max_src_len, cfg.data.max_tgt_len)
     valid, _ = encode_split(valid_pairs, vocab)
@@ -87,14 +102,24 @@ def build_run(cfg: Config, comm: Comm, run_dir: Path, tracker: Tracker, ds_confi
                                    rank=comm.rank, world=comm.world_size, seed=cfg.run.seed,
                                    bucket_batches=cfg.train.bucket_batches)
     networks = [
-        build_network("forward", "fw", cfg.run.seed, cfg, vocab, ds_config, train, valid),
-        build_network("backward", "bw", cfg.run.seed + 1, cfg, vocab, ds_config, train.reversed(),
+        build_network("forward", "fw", cfg.run.seed, cfg, vocab, ds_configs["forward"], train, valid),
+        build_network("backward", "bw", cfg.run.seed + 1, cfg, vocab, ds_configs["backward"], train.reversed(),
                       valid.reversed()),
     ]
-    run = Run(cfg, comm, run_dir, vocab, networks, sampler, tracker)
+    for net, init in zip(networks, (cfg.ami.init_forward, cfg.ami.init_backward), strict=True):
+        if init is not None:
+            load_module_weights(net.engine, init)
+    noise = None
+    if cfg.ami.enabled:
+        torch.manual_seed(cfg.run.seed + 2)
+        model = NoiseNetwork(cfg.model.hidden_size, cfg.ami.noise_inner_size or cfg.model.hidden_size)
+        optimizer, scheduler = build_optimizer(list(model.parameters()), cfg.noise_optim)
+        noise = build_engine(model, optimizer, scheduler, ds_configs["noise"])
+    run = Run(cfg, comm, run_dir, vocab, networks, sampler, tracker, build_schedule(cfg), noise=noise,
+              stream=make_stream(cfg.run.seed, comm.rank))
     if comm.is_main:
-        for net in networks:
-            path = run_dir / f"deepspeed_{net.name}.json"
+        for name, ds_config in ds_configs.items():
+            path = run_dir / f"deepspeed_{name}.json"
             path.write_text(json.dumps(ds_config, indent=2) + "\n", encoding="utf-8")
             tracker.log_artifact(path, "config")
         tracker.log_artifact(run_dir / "config.yaml", "config")
@@ -104,7 +129,7 @@ def build_run(cfg: Config, comm: Comm, run_dir: Path, tracker: Tracker, ds_confi
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in networks[0].engine.module.parameters())
         params.update({
             "deepspeed_config": preset_path,
-            "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0),
+            "zero_stage": ds_configs["forward"].get("zero_optimization", {}).get("stage", 0),
             "world_size": comm.world_size,
             "micro_batch_size": micro,
             "vocab_size": len(vocab),
@@ -112,6 +137,7 @@ def build_run(cfg: Config, comm: Comm, run_dir: Path, tracker: Tracker, ds_confi
             "train_pairs_dropped_too_long": dropped,
             "valid_pairs": len(valid),
             "params_per_network": n_params,
+            "schedule_total_steps": run.schedule.total_steps,
         })
         tracker.log_params(params)
     return run

@@ -12,6 +12,8 @@ from ami_dist.data.corpus import Split
 from ami_dist.data.vocab import Vocab
 from ami_dist.distributed.comm import Comm
 from ami_dist.tracking import Tracker
+from ami_dist.training.schedule import Schedule
+from ami_dist.training.synthetic import NoiseStream
 
 
 @dataclass
@@ -39,7 +41,10 @@ class Run:
     networks: list[Network]
     sampler: ShardedBucketSampler
     tracker: Tracker
-    step: int = 0
+    schedule: Schedule
+    noise: Any = None  # the noise network's DeepSpeed engine (AMI runs only)
+    stream: NoiseStream | None = None  # this rank's latent-noise random stream
+    step: int = 0  # batches consumed = global steps completed
     last_eval: dict[str, float] = field(default_factory=dict)
     bleu_signature: str = ""
 

@@ -33,9 +33,9 @@ def test_defaults_are_the_papers_dialog_lstm(tmp_path: Path) -> None:
 
 
 def test_overrides_are_typed_and_win(tiny: dict, tmp_path: Path) -> None:
-    cfg = load_config(write_config(tmp_path, tiny), ["train.max_steps=123", "model.dropout=0.25",
+    cfg = load_config(write_config(tmp_path, tiny), ["train.mle_steps=123", "model.dropout=0.25",
                                                      "model.bidirectional=true"])
-    assert cfg.train.max_steps == 123 and cfg.model.dropout == 0.25 and cfg.model.bidirectional is True
+    assert cfg.train.mle_steps == 123 and cfg.model.dropout == 0.25 and cfg.model.bidirectional is True
 
 
 def test_unknown_key_names_file_line_and_key(tiny: dict, tmp_path: Path) -> None:
@@ -53,7 +53,10 @@ def test_unknown_key_names_file_line_and_key(tiny: dict, tmp_path: Path) -> None
         ("model", "dropout", -0.1, "model.dropout: expected a value >= 0"),
         ("model", "hidden_size", "big", "model.hidden_size: expected an integer, got 'big'"),
         ("model", "attention", "mlp", "model.attention: expected one of 'general', 'dot'"),
-        ("train", "max_steps", 0, "train.max_steps: expected a value > 0"),
+        ("train", "mle_steps", 0, "train.mle_steps: must be > 0 for an MLE-only run"),
+        ("train", "mle_steps", -1, "train.mle_steps: expected a value >= 0"),
+        ("ami", "adv_every", 0, "ami.adv_every: expected a value >= 1"),
+        ("ami", "init_forward", "/nonexistent", "ami.init_forward: checkpoint directory not found"),
         ("train", "batch_size", 1.5, "train.batch_size: expected an integer"),
         ("model", "bidirectional", "yes", "model.bidirectional: expected true or false"),
         ("model", "dec_layers", 3, "model.dec_layers: must equal enc_layers (1)"),
@@ -63,7 +66,7 @@ def test_unknown_key_names_file_line_and_key(tiny: dict, tmp_path: Path) -> None
 )
 def test_bad_values_name_the_key(tiny: dict, tmp_path: Path, section: str, key: str, value: object,
                                  expected: str) -> None:
-    tiny[section][key] = value
+    tiny.setdefault(section, {})[key] = value
     path = write_config(tmp_path, tiny)
     message = _error(path)
     assert expected in message

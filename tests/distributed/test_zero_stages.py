@@ -20,7 +20,7 @@ pytestmark = pytest.mark.distributed
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stage_trains_and_ranks_agree(stage: int, tmp_path: Path) -> None:
-    cfg = tiny_config(tmp_path, train={"batch_size": 32, "max_steps": 24, "log_every": 4},
+    cfg = tiny_config(tmp_path, train={"batch_size": 32, "mle_steps": 24, "log_every": 4},
                       model={"emb_dim": 32, "hidden_size": 32}, optim={"name": "adam", "lr": 0.005},
                       tracking={"enabled": False})
     config = write_config(tmp_path, cfg)

@@ -15,7 +15,7 @@ import torch
 from ami_dist.config import load_config
 from ami_dist.distributed import detect_launch, full_parameters, init_distributed
 from ami_dist.training.build import build_run, make_run_dir, read_corpus, resolve_deepspeed
-from ami_dist.training.mle import train_mle
+from ami_dist.training.loop import train
 
 
 class RecordingTracker:
@@ -45,12 +45,12 @@ class RecordingTracker:
 def main() -> None:
     config, preset, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     cfg = load_config(config)
-    ds_config = resolve_deepspeed(cfg, preset, detect_launch().world_size)
+    ds_configs = resolve_deepspeed(cfg, preset, detect_launch().world_size)
     train_pairs, valid_pairs = read_corpus(cfg)
     comm = init_distributed(cfg.distributed.timeout_s, 1)
     tracker = RecordingTracker()
-    run = build_run(cfg, comm, make_run_dir(cfg, comm), tracker, ds_config, preset, train_pairs, valid_pairs)
-    train_mle(run)
+    run = build_run(cfg, comm, make_run_dir(cfg, comm), tracker, ds_configs, preset, train_pairs, valid_pairs)
+    train(run)
     params = {net.name: full_parameters(net.engine) for net in run.networks}
     torch.save(params, out / f"params_rank{comm.rank}.pt")
     (out / f"metrics_rank{comm.rank}.json").write_text(json.dumps({

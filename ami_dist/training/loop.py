@@ -1,0 +1,87 @@
+"""The training loop: MLE pretraining, then AMI cycles, with logging, evaluation and checkpoints."""
+
+from __future__ import annotations
+
+import time
+
+from tqdm import tqdm
+
+from ami_dist.training.checkpoint import save_checkpoint
+from ami_dist.training.context import Run
+from ami_dist.training.evaluation import evaluate
+from ami_dist.training.meter import Meter
+from ami_dist.training.phases import METRICS, backward_step, forward_step, mle_pretrain_step, noise_step
+from ami_dist.training.schedule import Phase, Position
+
+
+def run_step(run: Run, position: Position, indices: list[int], meter: Meter) -> None:
+    """One batch of whatever the schedule says is due."""
+    adversarial = (position.step_in_phase + 1) % run.cfg.ami.adv_every == 0
+    if position.phase is Phase.MLE:
+        mle_pretrain_step(run, indices, meter)
+    elif position.phase is Phase.NOISE:
+        noise_step(run, indices, meter)
+    elif position.phase is Phase.FORWARD:
+        forward_step(run, indices, adversarial, meter)
+    else:
+        backward_step(run, indices, adversarial, meter)
+
+
+def _engines(run: Run) -> dict[str, object]:
+    engines = {net.short: net.engine for net in run.networks}
+    if run.noise is not None:
+        engines["noise"] = run.noise
+    return engines
+
+
+def train(run: Run) -> dict[str, float] | None:
+    """Run the schedule from ``run.step`` to its end (or ``train.stop_after_steps``).
+
+    Returns the final validation metrics (on rank 0), or None when stopped early with a checkpoint.
+    """
+    tc, comm = run.cfg.train, run.comm
+    total = run.schedule.total_steps
+    end = min(total, run.step + tc.stop_after_steps) if tc.stop_after_steps else total
+    meter = Meter(METRICS)
+    batches = iter(run.sampler)
+    tgt_lengths = run.network("forward").train.tgt_ids
+    if tc.eval_before_training and run.step == 0:
+        evaluate(run)
+    tokens = 0
+    started = time.perf_counter()
+    progress = tqdm(total=total, initial=run.step, disable=not comm.is_main, desc="train", unit="step",
+                    dynamic_ncols=True, mininterval=1.0)
+    while run.step < end:
+        position = run.schedule.position(run.step)
+        for _ in range(tc.grad_accum):
+            indices = next(batches)
+            run_step(run, position, indices, meter)
+            tokens += sum(len(tgt_lengths[i]) + 1 for i in indices)
+        run.step += 1
+        progress.update(1)
+        if run.step % tc.log_every == 0 or run.step == end:
+            metrics = meter.reduce(comm)
+            elapsed = time.perf_counter() - started
+            metrics["train/tgt_tokens_per_s"] = comm.sum([float(tokens)])[0] / max(elapsed, 1e-9)
+            metrics["schedule/phase"] = float(position.phase)
+            metrics["schedule/cycle"] = float(position.cycle)
+            for name, engine in _engines(run).items():
+                metrics[f"{name}/lr"] = engine.get_lr()[0]
+            run.tracker.log_metrics(metrics, run.step)
+            progress.set_postfix({k.split("/")[0] + "_nll": f"{v:.3f}" for k, v in metrics.items()
+                                  if k.endswith("mle_nll")} | {"tok/s": f"{metrics['train/tgt_tokens_per_s']:.0f}"})
+            tokens = 0
+            started = time.perf_counter()
+        paused = time.perf_counter()
+        if tc.valid_every and run.step % tc.valid_every == 0 and run.step < end:
+            evaluate(run)
+        if tc.save_every and run.step % tc.save_every == 0 and run.step < end:
+            save_checkpoint(run)
+        started += time.perf_counter() - paused  # evaluation and saving are not training throughput
+    progress.close()
+    if run.step < total:
+        save_checkpoint(run)
+        return None
+    metrics = evaluate(run)
+    save_checkpoint(run)
+    return metrics
