@@ -121,6 +121,9 @@ def _print_summary(run, metrics: dict[str, float], tracker) -> None:
             f"  {net.name:8s} ({direction}) valid BLEU {metrics[f'valid/{net.short}_bleu']:.2f}  "
             f"chrF {metrics[f'valid/{net.short}_chrf']:.2f}  perplexity {metrics[f'valid/{net.short}_ppl']:.2f}"
         )
+    lines.append(f"  forward outputs: distinct-1 {metrics['valid/fw_distinct1']:.4f}  distinct-2 "
+                 f"{metrics['valid/fw_distinct2']:.4f}  mean length {metrics['valid/fw_length']:.1f}  "
+                 f"log q(S|T̂) {metrics['valid/mi_logq']:.3f}")
     lines.append(f"  sacreBLEU signature: {run.bleu_signature}")
     if tracker.run_id:
         uri = resolve_uri(run.cfg.tracking.uri)

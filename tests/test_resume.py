@@ -64,3 +64,22 @@ def test_resumed_run_matches_the_uninterrupted_one(tmp_path: Path) -> None:
     # the steps after the stop include adversarial forward and backward steps and the final evaluation
     assert {"fw/adv_loss", "bw/demote_weight", "valid/fw_bleu"} <= {k for k, s in reference.items() if max(s) > STOP}
     assert compared > 20
+
+
+@pytest.mark.distributed
+def test_ami_can_start_from_the_checkpoints_of_an_mle_run(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, train={"batch_size": 16, "mle_steps": 6},
+                      optim={"name": "adam", "lr": 0.003}, tracking={"experiment": "mle"})
+    _train(["--config", str(write_config(tmp_path, cfg, "mle.yaml"))])
+    mle_dir = sorted((tmp_path / "runs").iterdir())[-1]
+    ami = dict(cfg, train={**cfg["train"], "mle_steps": 0, "eval_before_training": True},
+               vocab={**cfg["vocab"], "model": str(mle_dir / "spm.model")},
+               ami={"enabled": True, "cycles": 1, "noise_steps": 1, "forward_steps": 1, "backward_steps": 1,
+                    "init_forward": str(mle_dir / "checkpoints/forward"),
+                    "init_backward": str(mle_dir / "checkpoints/backward")},
+               tracking={**cfg["tracking"], "experiment": "ami"})
+    _train(["--config", str(write_config(tmp_path, ami, "ami.yaml"))])
+    mle, _ = _histories(cfg["tracking"]["uri"], "mle")
+    started, _ = _histories(cfg["tracking"]["uri"], "ami")
+    for key in ("valid/fw_ppl", "valid/bw_ppl"):  # the AMI run starts exactly where the MLE run ended
+        assert started[key][0] == pytest.approx(mle[key][6], rel=1e-6)
