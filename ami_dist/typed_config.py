@@ -178,17 +178,3 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
             out[key] = value
     return out
 
-
-def describe_fields(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """``(dotted key, default, help)`` for every leaf of schema ``cls``, for ``--help-config``."""
-    rows = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}.{f.name}" if prefix else f.name
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows.extend(describe_fields(tp, key))
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        rows.append((key, repr(default), f.metadata.get("help", "")))
-    return rows

@@ -23,15 +23,6 @@ class Batch:
     tgt_in: torch.Tensor
     tgt_out: torch.Tensor
 
-    @property
-    def num_tokens(self) -> int:
-        """Target tokens the loss is computed on (EOS included, padding not)."""
-        return int(self.tgt_lengths.sum())
-
-    @property
-    def tgt_lengths(self) -> torch.Tensor:
-        return (self.tgt_out != 0).sum(dim=1)
-
     def __len__(self) -> int:
         return self.src.size(0)
 

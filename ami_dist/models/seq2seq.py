@@ -21,14 +21,6 @@ class EncoderOutput:
     mask: torch.Tensor  # (B, S) True at real source tokens
     state: State  # final encoder state, the decoder's initial state
 
-    def repeat(self, k: int) -> EncoderOutput:
-        """The same output tiled k times along the batch (sample-major: rows k*B .. k*B+B-1 are sample k)."""
-        h, c = self.state
-        return EncoderOutput(
-            self.memory.repeat(k, 1, 1), self.keys.repeat(k, 1, 1), self.mask.repeat(k, 1),
-            (h.repeat(1, k, 1), c.repeat(1, k, 1)),
-        )
-
 
 @dataclass
 class DecoderState:

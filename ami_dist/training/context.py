@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,6 @@ class Run:
     noise: Any = None  # the noise network's DeepSpeed engine (AMI runs only)
     stream: NoiseStream | None = None  # this rank's latent-noise random stream
     step: int = 0  # batches consumed = global steps completed
-    last_eval: dict[str, float] = field(default_factory=dict)
     bleu_signature: str = ""
 
     def network(self, name: str) -> Network:

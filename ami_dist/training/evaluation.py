@@ -7,7 +7,6 @@ ZeRO-3 requires because every call gathers parameters collectively.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from sacrebleu.metrics import BLEU, CHRF
@@ -117,7 +116,6 @@ def evaluate(run: Run) -> dict[str, float]:
         tqdm.write(f"step {run.step} validation: {summary}")
         run.tracker.log_metrics(metrics, run.step)
         run.tracker.set_tags({"bleu_signature": run.bleu_signature})
-    run.last_eval = metrics
     return metrics
 
 
@@ -135,6 +133,3 @@ def _write_outputs(run: Run, net: Network, outputs: list[str]) -> None:
     for path in (hyp_path, sample_path):
         run.tracker.log_artifact(path, f"valid/step{run.step}")
 
-
-def hypotheses_file(run: Run, net: Network) -> Path:
-    return run.run_dir / "valid" / f"{net.name}.step{run.step}.hyp"

@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 
 import torch
+from worker_setup import build_test_run  # this script's own directory is on sys.path
 
-from ami_dist.config import load_config
-from ami_dist.distributed import detect_launch, full_parameters, init_distributed
-from ami_dist.training.build import build_run, make_run_dir, read_corpus, resolve_deepspeed
+from ami_dist.distributed import full_parameters
 from ami_dist.training.loop import train
 
 
@@ -44,12 +43,9 @@ class RecordingTracker:
 
 def main() -> None:
     config, preset, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-    cfg = load_config(config)
-    ds_configs = resolve_deepspeed(cfg, preset, detect_launch().world_size)
-    train_pairs, valid_pairs = read_corpus(cfg)
-    comm = init_distributed(cfg.distributed.timeout_s, 1)
     tracker = RecordingTracker()
-    run = build_run(cfg, comm, make_run_dir(cfg, comm), tracker, ds_configs, preset, train_pairs, valid_pairs)
+    run = build_test_run(config, preset, tracker)
+    comm = run.comm
     train(run)
     params = {net.name: full_parameters(net.engine) for net in run.networks}
     torch.save(params, out / f"params_rank{comm.rank}.pt")

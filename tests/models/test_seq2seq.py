@@ -69,16 +69,6 @@ def test_weight_sharing_options() -> None:
     assert "generator.weight" not in names or "src_emb.weight" not in names  # counted once
 
 
-def test_encoder_repeat_tiles_the_batch_sample_major() -> None:
-    model = _model()
-    src, lengths = _src()
-    enc = model.encode(src, lengths)
-    tiled = enc.repeat(3)
-    assert tiled.memory.shape[0] == 6
-    torch.testing.assert_close(tiled.memory[4:6], enc.memory)
-    torch.testing.assert_close(tiled.state[0][:, 2:4], enc.state[0])
-
-
 def test_greedy_output_is_the_argmax_of_its_own_teacher_forcing() -> None:
     model = _model(input_feed=True)
     src, lengths = _src()
