@@ -67,7 +67,7 @@ def worker(variant: str, config: str, preset: str, steps: int, warmup: int, out:
     vocab, batches = _batches(cfg, world, rank, warmup + steps)
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model, len(vocab), vocab.pad_id)
-    optimizer, scheduler = build_optimizer(list(model.parameters()), cfg.optim)
+    optimizer, scheduler = build_optimizer(list(model.parameters()), cfg.optim, cfg.model.hidden_size)
     if variant == "torch":
         def step(batch) -> int:
             logits = model(batch.src, batch.src_lengths, batch.tgt_in)

@@ -71,9 +71,13 @@ class OptimConfig:
     adam_eps: float = spec(1e-9, "Adam epsilon", gt=0)
     weight_decay: float = spec(0.0, "L2 weight decay", ge=0)
     max_grad_norm: float = spec(5.0, "clip gradients to this global norm (0 = no clipping)", ge=0)
-    decay_start: int = spec(15000, "first step at which the learning rate is decayed", ge=0)
-    decay_every: int = spec(5000, "decay again every this many steps", gt=0)
-    decay_factor: float = spec(0.95, "multiply the learning rate by this at each decay", gt=0, le=1)
+    schedule: Literal["step", "noam"] = spec(
+        "step", "step: lr decayed from decay_start (the paper's LSTMs); noam: lr·d_model^-0.5·min(s^-0.5, s·w^-1.5)"
+    )
+    decay_start: int = spec(15000, "step: first step at which the learning rate is decayed", ge=0)
+    decay_every: int = spec(5000, "step: decay again every this many steps", gt=0)
+    decay_factor: float = spec(0.95, "step: multiply the learning rate by this at each decay", gt=0, le=1)
+    warmup_steps: int = spec(4000, "noam: linear warm-up steps before the inverse square-root decay", gt=0)
 
 
 @dataclass

@@ -26,6 +26,11 @@ class Batch:
     def __len__(self) -> int:
         return self.src.size(0)
 
+    def to(self, device: torch.device | str) -> Batch:
+        """The same batch on ``device`` (the engine's: CPU here, the rank's GPU on a cluster)."""
+        return Batch(*(t.to(device, non_blocking=True) for t in (self.src, self.src_lengths, self.tgt_in,
+                                                                  self.tgt_out)))
+
 
 def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, prefix: int | None = None,
                   suffix: int | None = None) -> torch.Tensor:

@@ -15,8 +15,8 @@ def _local(done: bool) -> bool:
 
 @torch.no_grad()
 def greedy_decode(model: Seq2Seq, src: torch.Tensor, src_lengths: torch.Tensor, *, bos_id: int, eos_id: int,
-                  max_len: int, all_done: Callable[[bool], bool] = _local) -> list[list[int]]:
-    """The argmax token at every step until EOS or ``max_len`` tokens; returns ids without BOS/EOS.
+                  pad_id: int, max_len: int, all_done: Callable[[bool], bool] = _local) -> list[list[int]]:
+    """The argmax token (never padding or BOS) at every step until EOS or ``max_len`` tokens; ids without BOS/EOS.
 
     ``all_done(local_done)`` must return True only when every rank is done: with ZeRO-3 every rank has
     to run the same number of decoder steps, because each step gathers parameters collectively.
@@ -32,7 +32,10 @@ def greedy_decode(model: Seq2Seq, src: torch.Tensor, src_lengths: torch.Tensor, 
         if all_done(local_done):
             break
         out, state = model.decode(prev, enc, state)
-        prev = model.generator(out[:, -1]).argmax(dim=-1, keepdim=True)
+        logits = model.generator(out[:, -1])
+        logits[:, pad_id] = float("-inf")
+        logits[:, bos_id] = float("-inf")
+        prev = logits.argmax(dim=-1, keepdim=True)
         if len(steps) < max_len:
             steps.append(prev.squeeze(1).masked_fill(finished, eos_id))
             finished |= steps[-1] == eos_id

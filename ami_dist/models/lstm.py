@@ -1,10 +1,17 @@
-"""LSTM encoder and attentional LSTM decoder (Luong et al., 2015, global attention), batch-first."""
+"""The LSTM family: encoder, attentional decoder (Luong et al., 2015, global attention), batch-first."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from ami_dist.models.config import ModelConfig
+from ami_dist.models.seq2seq import EncoderOutput, Seq2Seq, source_mask
+
+PARAM_INIT = 0.1  # OpenNMT-py's default uniform initialisation range, which the paper's LSTMs used
 
 State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (layers, B, hidden)
 
@@ -97,3 +104,52 @@ class LSTMDecoder(nn.Module):
             feed = self.dropout(self.attn(out, memory, keys, memory_mask)).squeeze(1)
             outputs.append(feed)
         return torch.stack(outputs, dim=1), state, feed
+
+
+@dataclass
+class LSTMState:
+    rnn: State
+    feed: torch.Tensor  # the previous attentional output (input feeding)
+
+    def select(self, index: torch.Tensor) -> LSTMState:
+        h, c = self.rnn
+        return LSTMState((h.index_select(1, index), c.index_select(1, index)), self.feed.index_select(0, index))
+
+
+class LSTMSeq2Seq(Seq2Seq):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.pad_id = pad_id
+        self.src_emb = nn.Embedding(vocab_size, cfg.emb_dim, padding_idx=pad_id)
+        self.tgt_emb = self.src_emb if cfg.share_embeddings else nn.Embedding(vocab_size, cfg.emb_dim,
+                                                                              padding_idx=pad_id)
+        self.emb_dropout = nn.Dropout(cfg.dropout)
+        self.encoder = LSTMEncoder(cfg.emb_dim, cfg.hidden_size, cfg.enc_layers, cfg.dropout, cfg.bidirectional)
+        self.decoder = LSTMDecoder(cfg.emb_dim, cfg.hidden_size, cfg.dec_layers, cfg.dropout, cfg.attention,
+                                   cfg.input_feed)
+        self.generator = nn.Linear(cfg.hidden_size, vocab_size)
+        self.reset_parameters()
+        if cfg.tie_generator:
+            self.generator.weight = self.tgt_emb.weight
+
+    def reset_parameters(self) -> None:
+        for p in self.parameters():
+            nn.init.uniform_(p, -PARAM_INIT, PARAM_INIT)
+        for emb in (self.src_emb, self.tgt_emb):
+            with torch.no_grad():
+                emb.weight[self.pad_id].zero_()
+
+    def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> EncoderOutput:
+        memory, state = self.encoder(self.emb_dropout(self.src_emb(src)), src_lengths)
+        return EncoderOutput(memory, source_mask(src, src_lengths), self.memory_keys(memory), state)
+
+    def memory_keys(self, memory: torch.Tensor) -> torch.Tensor:
+        return self.decoder.attn.keys(memory)
+
+    def decode(self, tgt_in: torch.Tensor, enc: EncoderOutput,
+               state: LSTMState | None = None) -> tuple[torch.Tensor, LSTMState]:
+        rnn_state, feed = (enc.state, None) if state is None else (state.rnn, state.feed)
+        out, rnn_state, feed = self.decoder(self.emb_dropout(self.tgt_emb(tgt_in)), enc.memory, enc.keys,
+                                            enc.mask, rnn_state, feed)
+        return out, LSTMState(rnn_state, feed)

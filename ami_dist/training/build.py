@@ -68,7 +68,7 @@ def build_network(name: str, short: str, seed: int, cfg: Config, vocab: Vocab, d
     # Every rank builds the same initial weights from the seed; ZeRO-3 partitions them from there.
     torch.manual_seed(seed)
     model = build_model(cfg.model, len(vocab), vocab.pad_id)
-    optimizer, scheduler = build_optimizer(list(model.parameters()), cfg.optim)
+    optimizer, scheduler = build_optimizer(list(model.parameters()), cfg.optim, cfg.model.hidden_size)
     return Network(name, short, build_engine(model, optimizer, scheduler, ds_config), train, valid)
 
 
@@ -113,7 +113,7 @@ def build_run(cfg: Config, comm: Comm, run_dir: Path, tracker: Tracker, ds_confi
     if cfg.ami.enabled:
         torch.manual_seed(cfg.run.seed + 2)
         model = NoiseNetwork(cfg.model.hidden_size, cfg.ami.noise_inner_size or cfg.model.hidden_size)
-        optimizer, scheduler = build_optimizer(list(model.parameters()), cfg.noise_optim)
+        optimizer, scheduler = build_optimizer(list(model.parameters()), cfg.noise_optim, cfg.model.hidden_size)
         noise = build_engine(model, optimizer, scheduler, ds_configs["noise"])
     run = Run(cfg, comm, run_dir, vocab, networks, sampler, tracker, build_schedule(cfg), noise=noise,
               stream=make_stream(cfg.run.seed, comm.rank))

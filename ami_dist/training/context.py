@@ -29,7 +29,7 @@ class Network:
     def batch(self, indices: list[int], vocab: Vocab, split: Split | None = None) -> Batch:
         data = self.train if split is None else split
         return make_batch([data.src_ids[i] for i in indices], [data.tgt_ids[i] for i in indices],
-                          vocab.pad_id, vocab.bos_id, vocab.eos_id)
+                          vocab.pad_id, vocab.bos_id, vocab.eos_id).to(self.engine.device)
 
 
 @dataclass

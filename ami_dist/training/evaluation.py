@@ -44,7 +44,7 @@ def evaluate_network(run: Run, net: Network) -> tuple[float, list[tuple[int, lis
         loss, ntok = token_nll(model(batch.src, batch.src_lengths, batch.tgt_in), batch.tgt_out, vocab.pad_id)
         max_len = int(cfg.eval.max_len_a * int(batch.src_lengths.max()) + cfg.eval.max_len_b)
         out = greedy_decode(model, batch.src, batch.src_lengths, bos_id=vocab.bos_id, eos_id=vocab.eos_id,
-                            max_len=max_len, all_done=comm.all_true)
+                            pad_id=vocab.pad_id, max_len=max_len, all_done=comm.all_true)
         if real:
             nll += float(loss)
             tokens += int(ntok)
@@ -70,7 +70,8 @@ def reconstruction_logq(run: Run, hyps: list[tuple[int, list[int]]]) -> float:
         rows = indices if real else [0]
         # An empty output is read as the single token EOS, as in training.
         sources = [outputs.get(i) or [vocab.eos_id] for i in rows]
-        batch = make_batch(sources, [fw.valid.src_ids[i] for i in rows], vocab.pad_id, vocab.bos_id, vocab.eos_id)
+        batch = make_batch(sources, [fw.valid.src_ids[i] for i in rows], vocab.pad_id, vocab.bos_id,
+                           vocab.eos_id).to(bw.engine.device)
         logits = bw.engine.module(batch.src, batch.src_lengths, batch.tgt_in)
         nll = sentence_nll(logits, batch.tgt_out, vocab.pad_id, length_normalise=True)
         if real:

@@ -19,7 +19,14 @@ def step_decay(step: int, start: int, every: int, factor: float) -> float:
     return factor ** ((step - start) // every + 1)
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> tuple[torch.optim.Optimizer, LambdaLR]:
+def noam(step: int, model_dim: int, warmup: int) -> float:
+    """LR multiplier at 1-based step ``step`` of the Transformer's schedule (Vaswani et al., 2017, §5.3):
+    linear warm-up for ``warmup`` steps, then decay with the inverse square root of the step."""
+    return model_dim**-0.5 * min(step**-0.5, step * warmup**-1.5)
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig,
+                    model_dim: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
     """The network's optimizer and its LR scheduler; DeepSpeed steps the scheduler after each optimizer step."""
     optimizer: torch.optim.Optimizer
     if cfg.name == "adam":
@@ -28,6 +35,9 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> tuple
     else:
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     # LambdaLR's argument counts completed steps, so the LR for 1-based step s is the multiplier of s.
-    scheduler = LambdaLR(optimizer, lambda done: step_decay(done + 1, cfg.decay_start, cfg.decay_every,
-                                                            cfg.decay_factor))
+    if cfg.schedule == "noam":
+        scheduler = LambdaLR(optimizer, lambda done: noam(done + 1, model_dim, cfg.warmup_steps))
+    else:
+        scheduler = LambdaLR(optimizer, lambda done: step_decay(done + 1, cfg.decay_start, cfg.decay_every,
+                                                                cfg.decay_factor))
     return optimizer, scheduler

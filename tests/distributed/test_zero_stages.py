@@ -1,4 +1,5 @@
-"""Two real processes (torchrun, gloo) train both networks under ZeRO stages 1, 2 and 3.
+"""Two real processes (torchrun, gloo) train both networks under ZeRO stages 1, 2 and 3 (and the
+Transformer under ZeRO-3).
 
 The loss must fall, and after training the whole parameters (gathered from the shards for stage 3)
 must be identical on both ranks.
@@ -18,14 +19,18 @@ from tests.conftest import PYTHON, ROOT, subprocess_env, tiny_config, write_conf
 pytestmark = pytest.mark.distributed
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stage_trains_and_ranks_agree(stage: int, tmp_path: Path) -> None:
-    cfg = tiny_config(tmp_path, train={"batch_size": 32, "mle_steps": 24, "log_every": 4},
-                      model={"emb_dim": 32, "hidden_size": 32}, optim={"name": "adam", "lr": 0.005},
-                      tracking={"enabled": False})
+TRANSFORMER = {"family": "transformer", "emb_dim": 32, "hidden_size": 32, "heads": 4, "ffn_size": 64}
+
+
+@pytest.mark.parametrize(("stage", "family"), [(1, "lstm"), (2, "lstm"), (3, "lstm"), (3, "transformer")])
+def test_zero_stage_trains_and_ranks_agree(stage: int, family: str, tmp_path: Path) -> None:
+    model = {"emb_dim": 32, "hidden_size": 32} if family == "lstm" else TRANSFORMER
+    cfg = tiny_config(tmp_path, train={"batch_size": 32, "mle_steps": 24, "log_every": 4}, model=model,
+                      optim={"name": "adam", "lr": 0.005}, tracking={"enabled": False})
     config = write_config(tmp_path, cfg)
     proc = subprocess.run(
-        [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29600 + stage),
+        [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         str(29600 + stage + 10 * (family == "transformer")),
          str(ROOT / "tests/distributed/zero_worker.py"), str(config), str(ROOT / f"configs/ds_zero{stage}.json"),
          str(tmp_path)],
         cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600,

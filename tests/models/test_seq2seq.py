@@ -1,4 +1,5 @@
-"""The LSTM seq2seq network: padding invariance, incremental decoding, weight sharing, greedy decoding."""
+"""The seq2seq families (LSTM and Transformer): padding invariance, incremental decoding equal to teacher
+forcing, weight sharing, K noisy memory banks as one batch, greedy decoding."""
 
 from __future__ import annotations
 
@@ -9,6 +10,19 @@ from ami_dist.decoding.greedy import greedy_decode
 from ami_dist.models import ModelConfig, build_model
 
 V, PAD, BOS, EOS = 30, 0, 2, 3
+
+
+TRANSFORMER = {"family": "transformer", "emb_dim": 16, "hidden_size": 16, "heads": 2, "ffn_size": 32,
+               "dec_layers": 3}
+# Each variant a test runs over: the LSTM with and without input feeding / a bidirectional encoder,
+# and the Transformer with post- and pre-norm.
+VARIANTS = {
+    "lstm": {},
+    "lstm-bi-feed": {"bidirectional": True, "input_feed": True},
+    "lstm-bi-nofeed": {"bidirectional": True, "input_feed": False},
+    "transformer-post": TRANSFORMER,
+    "transformer-pre": {**TRANSFORMER, "norm": "pre"},
+}
 
 
 def _model(**overrides: object) -> torch.nn.Module:
@@ -23,22 +37,21 @@ def _src() -> tuple[torch.Tensor, torch.Tensor]:
     return src, torch.tensor([4, 2])
 
 
-@pytest.mark.parametrize("input_feed", [False, True])
-@pytest.mark.parametrize("bidirectional", [False, True])
-def test_padding_and_batch_mates_do_not_change_a_sentence(input_feed: bool, bidirectional: bool) -> None:
-    model = _model(input_feed=input_feed, bidirectional=bidirectional)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_padding_and_batch_mates_do_not_change_a_sentence(variant: str) -> None:
+    model = _model(**VARIANTS[variant])
     src, lengths = _src()
     tgt = torch.tensor([[BOS, 11, 12], [BOS, 13, 14]])
     with torch.no_grad():
         together = model(src, lengths, tgt)
         alone = model(src[1:, :2], lengths[1:], tgt[1:])
     assert together.shape == (2, 3, V)
-    torch.testing.assert_close(together[1], alone[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(together[1], alone[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("input_feed", [False, True])
-def test_step_by_step_decoding_equals_teacher_forcing(input_feed: bool) -> None:
-    model = _model(input_feed=input_feed, bidirectional=True)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_step_by_step_decoding_equals_teacher_forcing(variant: str) -> None:
+    model = _model(**VARIANTS[variant])
     src, lengths = _src()
     tgt = torch.tensor([[BOS, 11, 12, 13], [BOS, 14, 15, 16]])
     with torch.no_grad():
@@ -48,7 +61,26 @@ def test_step_by_step_decoding_equals_teacher_forcing(input_feed: bool) -> None:
         for t in range(tgt.size(1)):
             out, state = model.decode(tgt[:, t : t + 1], enc, state)
             steps.append(model.generator(out))
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-6)
+        # a two-token chunk after a prefix works too (beam search and greedy step one token at a time)
+        _, prefix_state = model.decode(tgt[:, :2], enc)
+        chunk, _ = model.decode(tgt[:, 2:], enc, prefix_state)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.generator(chunk), full[:, 2:], rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_state_select_reorders_rows() -> None:
+    for variant in ("lstm-bi-feed", "transformer-pre"):
+        model = _model(**VARIANTS[variant])
+        src, lengths = _src()
+        tgt = torch.tensor([[BOS, 11], [BOS, 14]])
+        with torch.no_grad():
+            enc = model.encode(src, lengths)
+            _, state = model.decode(tgt, enc)
+            swap = torch.tensor([1, 0])
+            nxt = torch.tensor([[12], [15]])
+            swapped, _ = model.decode(nxt[swap], enc.select(swap), state.select(swap))
+            straight, _ = model.decode(nxt, enc, state)
+        torch.testing.assert_close(swapped, straight[swap], rtol=1e-5, atol=1e-6)
 
 
 def test_input_feeding_changes_the_model() -> None:
@@ -72,7 +104,7 @@ def test_weight_sharing_options() -> None:
 def test_greedy_output_is_the_argmax_of_its_own_teacher_forcing() -> None:
     model = _model(input_feed=True)
     src, lengths = _src()
-    out = greedy_decode(model, src, lengths, bos_id=BOS, eos_id=EOS, max_len=6)
+    out = greedy_decode(model, src, lengths, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len=6)
     for row, ids in enumerate(out):
         assert len(ids) <= 6 and EOS not in ids
         tgt = torch.tensor([[BOS, *ids]])
@@ -90,11 +122,11 @@ def test_greedy_stops_at_eos_and_respects_max_len() -> None:
     with torch.no_grad():
         model.generator.bias.fill_(-100.0)
         model.generator.bias[EOS] = 100.0
-    assert greedy_decode(model, src, lengths, bos_id=BOS, eos_id=EOS, max_len=5) == [[], []]
+    assert greedy_decode(model, src, lengths, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len=5) == [[], []]
     with torch.no_grad():
         model.generator.bias[EOS] = -100.0
         model.generator.bias[7] = 100.0
-    assert greedy_decode(model, src, lengths, bos_id=BOS, eos_id=EOS, max_len=4) == [[7] * 4, [7] * 4]
+    assert greedy_decode(model, src, lengths, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len=4) == [[7] * 4, [7] * 4]
 
 
 def test_greedy_keeps_stepping_until_every_rank_is_done() -> None:
@@ -109,15 +141,16 @@ def test_greedy_keeps_stepping_until_every_rank_is_done() -> None:
     with torch.no_grad():
         model.generator.bias.fill_(-100.0)
         model.generator.bias[EOS] = 100.0
-    assert greedy_decode(model, src, lengths, bos_id=BOS, eos_id=EOS, max_len=10,
+    assert greedy_decode(model, src, lengths, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len=10,
                          all_done=others_need_three_more_steps) == [[], []]
     assert len(calls) == 5  # kept calling the decoder after finishing locally
 
 
-def test_noisy_memory_banks_decode_as_one_batch_of_k_times_b() -> None:
+@pytest.mark.parametrize("variant", ["lstm-bi-feed", "transformer-post"])
+def test_noisy_memory_banks_decode_as_one_batch_of_k_times_b(variant: str) -> None:
     from ami_dist.ops import lns_sample
 
-    model = _model(input_feed=True, bidirectional=True)
+    model = _model(**VARIANTS[variant])
     src, lengths = _src()
     tgt = torch.tensor([[BOS, 11, 12], [BOS, 13, 14]])
     k = 3

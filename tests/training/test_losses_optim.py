@@ -45,10 +45,27 @@ def test_nmt_schedule_halves_every_17k_after_170k() -> None:
 
 def test_scheduler_applies_the_decay_to_the_optimizer() -> None:
     param = torch.nn.Parameter(torch.zeros(1))
-    opt, sched = build_optimizer([param], OptimConfig(lr=1.0, decay_start=3, decay_every=2, decay_factor=0.5))
+    opt, sched = build_optimizer([param], OptimConfig(lr=1.0, decay_start=3, decay_every=2, decay_factor=0.5), 512)
     seen = []
     for _ in range(6):
         seen.append(opt.param_groups[0]["lr"])  # the LR used by this (1-based) step
         opt.step()
         sched.step()
     assert seen == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+
+
+def test_noam_warms_up_then_decays_with_the_inverse_square_root() -> None:
+    param = torch.nn.Parameter(torch.zeros(1))
+    cfg = OptimConfig(name="adam", lr=2.0, schedule="noam", warmup_steps=4, adam_beta2=0.998, adam_eps=1e-9)
+    opt, sched = build_optimizer([param], cfg, 512)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.998) and opt.param_groups[0]["eps"] == 1e-9
+    seen = []
+    for _ in range(16):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    peak = 2.0 * 512**-0.5 * 4**-0.5  # at the end of warm-up
+    assert seen[3] == pytest.approx(peak)
+    assert seen[0] == pytest.approx(peak / 4)  # linear warm-up: step 1 of 4
+    assert seen[15] == pytest.approx(peak / 2)  # step 16 = 4 x warm-up: lr halves
+    assert seen[:4] == sorted(seen[:4]) and seen[3:] == sorted(seen[3:], reverse=True)
