@@ -1,0 +1,47 @@
+"""Reranking the forward network's n-best lists with the backward network.
+
+``mmi``: log p(T|S) + α·log q(S|T) + γ·|T|, MMI-bidi reranking (Li et al., 2016, "A Diversity-Promoting
+Objective Function for Neural Conversation Models"); ``backward``: log q(S|T) alone, as the official AMI
+release reranks dialog responses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from ami_dist.data.batching import make_batch
+from ami_dist.decoding.beam import Hypothesis
+from ami_dist.models.seq2seq import Seq2Seq
+from ami_dist.training.losses import sentence_nll
+
+
+@dataclass(frozen=True)
+class Reranker:
+    method: str  # "mmi" or "backward"
+    alpha: float = 0.5  # weight of log q(S|T) in mmi
+    gamma: float = 0.0  # length bonus per target token in mmi
+
+    def score(self, hyp: Hypothesis, backward_logq: float) -> float:
+        if self.method == "backward":
+            return backward_logq
+        if self.method == "mmi":
+            return hyp.logprob + self.alpha * backward_logq + self.gamma * len(hyp.tokens)
+        raise ValueError(f"unknown reranking method {self.method!r} (expected 'mmi' or 'backward')")
+
+    def rerank(self, nbest: list[Hypothesis], backward_logq: Sequence[float]) -> list[Hypothesis]:
+        """The n-best list ordered by this reranker's score (best first); ``score`` is replaced by it."""
+        scored = [replace(h, score=self.score(h, q)) for h, q in zip(nbest, backward_logq, strict=True)]
+        return sorted(scored, key=lambda h: h.score, reverse=True)
+
+
+@torch.no_grad()
+def backward_logq(backward: Seq2Seq, source: list[int], nbest: list[Hypothesis], *, pad_id: int, bos_id: int,
+                  eos_id: int, device: torch.device | str = "cpu") -> list[float]:
+    """log q(S | T) of the source under the backward network, for every hypothesis T of the n-best list."""
+    targets = [h.tokens or [eos_id] for h in nbest]  # an empty hypothesis is read as the single token EOS
+    batch = make_batch(targets, [source] * len(nbest), pad_id, bos_id, eos_id).to(device)
+    logits = backward(batch.src, batch.src_lengths, batch.tgt_in)
+    return (-sentence_nll(logits, batch.tgt_out, pad_id)).tolist()

@@ -1,0 +1,151 @@
+"""Beam search (beam 1 = greedy; finds what greedy misses; length penalty; n-best) and reranking."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from ami_dist.decoding.beam import Hypothesis, beam_search, length_penalty
+from ami_dist.decoding.greedy import greedy_decode
+from ami_dist.decoding.rerank import Reranker, backward_logq
+from ami_dist.models import ModelConfig, build_model
+from ami_dist.models.seq2seq import EncoderOutput, Seq2Seq
+from ami_dist.training.losses import sentence_nll
+
+PAD, UNK, BOS, EOS, A, B = 0, 1, 2, 3, 4, 5
+V = 6
+
+
+@dataclass
+class History:
+    tokens: torch.Tensor
+
+    def select(self, index: torch.Tensor) -> History:
+        return History(self.tokens.index_select(0, index))
+
+
+class TableModel(Seq2Seq):
+    """A 'network' whose next-token distribution is a fixed table keyed by the prefix decoded so far."""
+
+    def __init__(self, table: dict[tuple[int, ...], dict[int, float]]) -> None:
+        super().__init__()
+        self.contexts = {prefix: i for i, prefix in enumerate(table)}
+        weight = torch.full((V, len(table) + 1), -1e4)
+        weight[EOS, len(table)] = 0.0  # any prefix not in the table ends
+        for prefix, dist in table.items():
+            for token, p in dist.items():
+                weight[token, self.contexts[prefix]] = math.log(p)
+        self.generator = nn.Linear(len(table) + 1, V, bias=False)
+        self.generator.weight.data = weight
+
+    def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> EncoderOutput:
+        return EncoderOutput(torch.zeros(src.size(0), 1, 1), torch.ones(src.size(0), 1, dtype=torch.bool))
+
+    def decode(self, tgt_in: torch.Tensor, enc: EncoderOutput, state: History | None = None):
+        history = tgt_in if state is None else torch.cat([state.tokens, tgt_in], dim=1)
+        out = torch.zeros(tgt_in.size(0), tgt_in.size(1), len(self.contexts) + 1)
+        start = history.size(1) - tgt_in.size(1)
+        for b in range(tgt_in.size(0)):
+            for t in range(tgt_in.size(1)):
+                prefix = tuple(history[b, 1 : start + t + 1].tolist())  # the tokens after BOS
+                out[b, t, self.contexts.get(prefix, len(self.contexts))] = 1.0
+        return out, History(history)
+
+
+# Greedy takes A (0.6) then A (0.4) then must end: p(A A) = 0.6 * 0.4 * 1.0 = 0.24.
+# The better sequence starts with the less likely B: p(B) = 0.4 * 0.9 = 0.36.
+TABLE = {
+    (): {A: 0.6, B: 0.4},
+    (A,): {A: 0.4, B: 0.3, EOS: 0.3},
+    (A, A): {EOS: 1.0},
+    (A, B): {EOS: 1.0},
+    (B,): {EOS: 0.9, A: 0.1},
+    (B, A): {EOS: 1.0},
+}
+SRC, LEN = torch.tensor([[7]]), torch.tensor([1])
+
+
+def _search(model: Seq2Seq, **kw: object) -> list[list[Hypothesis]]:
+    args = {"beam_size": 2, "bos_id": BOS, "eos_id": EOS, "pad_id": PAD, "max_len_a": 0.0, "max_len_b": 5}
+    return beam_search(model, SRC, LEN, **{**args, **kw})
+
+
+def test_beam_finds_the_sequence_greedy_misses() -> None:
+    model = TableModel(TABLE)
+    assert greedy_decode(model, SRC, LEN, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len=5) == [[A, A]]
+    best = _search(model, n_best=2)[0]
+    assert best[0].tokens == [B]
+    assert best[0].logprob == pytest.approx(math.log(0.36), rel=1e-5)
+    assert best[1].tokens == [A, A]  # the runner-up, 0.24
+    assert best[1].logprob == pytest.approx(math.log(0.24), rel=1e-5)
+
+
+def test_beam_of_one_is_greedy_on_the_table() -> None:
+    assert _search(TableModel(TABLE), beam_size=1)[0][0].tokens == [A, A]
+
+
+def test_length_penalty_favours_longer_hypotheses() -> None:
+    table = {(): {A: 0.5, EOS: 0.5}, (A,): {EOS: 0.9, A: 0.1}}
+    plain = _search(TableModel(table), n_best=2)[0]
+    assert plain[0].tokens == []  # log 0.5 > log 0.45
+    penalised = _search(TableModel(table), n_best=2, alpha=2.0)[0]
+    assert penalised[0].tokens == [A]  # log(0.45) / ((5 + 2) / 6)^2 > log(0.5) / 1
+    assert penalised[0].score == pytest.approx(math.log(0.45) / length_penalty(2, 2.0))
+
+
+def test_max_length_finishes_what_is_alive() -> None:
+    table = {(): {A: 1.0}, (A,): {A: 1.0}, (A, A): {A: 1.0}}
+    hyp = _search(TableModel(table), max_len_b=2, beam_size=1)[0][0]
+    assert hyp.tokens == [A, A]
+
+
+@pytest.mark.parametrize("family", ["lstm", "transformer"])
+def test_beam_of_one_equals_greedy_on_a_network(family: str) -> None:
+    torch.manual_seed(3)
+    extra = {"heads": 2, "ffn_size": 32} if family == "transformer" else {"input_feed": True}
+    cfg = ModelConfig(family=family, emb_dim=16, hidden_size=16, enc_layers=1, dec_layers=1, dropout=0.0, **extra)
+    model = build_model(cfg, 40, PAD).eval()
+    src = torch.randint(4, 40, (6, 5))
+    lengths = torch.tensor([5, 4, 3, 5, 2, 1])
+    greedy = greedy_decode(model, src, lengths, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len=12)
+    beams = beam_search(model, src, lengths, beam_size=1, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len_a=0.0,
+                        max_len_b=12)
+    assert [b[0].tokens for b in beams] == greedy
+    wide = beam_search(model, src, lengths, beam_size=4, n_best=4, bos_id=BOS, eos_id=EOS, pad_id=PAD,
+                       max_len_a=0.0, max_len_b=12)
+    for hyps, g in zip(wide, beams, strict=True):
+        assert len(hyps) == 4
+        assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+        assert hyps[0].logprob >= g[0].logprob - 1e-5  # a wider beam never finds a worse best
+
+
+def test_reranking_orders_by_the_formula() -> None:
+    nbest = [Hypothesis([A], -1.0, -1.0), Hypothesis([A, B, A], -2.0, -2.0), Hypothesis([B, B], -1.5, -1.5)]
+    logq = [-6.0, -1.0, -3.0]
+    mmi = Reranker("mmi", alpha=0.5, gamma=0.1).rerank(nbest, logq)
+    # -1 - 3 + 0.1 = -3.9 ; -2 - 0.5 + 0.3 = -2.2 ; -1.5 - 1.5 + 0.2 = -2.8
+    assert [h.tokens for h in mmi] == [[A, B, A], [B, B], [A]]
+    assert [h.score for h in mmi] == pytest.approx([-2.2, -2.8, -3.9])
+    assert [h.tokens for h in Reranker("backward").rerank(nbest, logq)] == [[A, B, A], [B, B], [A]]
+    no_backward = Reranker("mmi", alpha=0.0, gamma=0.0).rerank(nbest, logq)
+    assert [h.tokens for h in no_backward] == [[A], [B, B], [A, B, A]]  # the forward order
+    with pytest.raises(ValueError, match="unknown reranking method"):
+        Reranker("bleu").rerank(nbest, logq)
+
+
+def test_backward_logq_scores_the_source_given_each_hypothesis() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(emb_dim=8, hidden_size=8, enc_layers=1, dec_layers=1, dropout=0.0)
+    backward = build_model(cfg, 12, PAD).eval()
+    source = [7, 8, 9]
+    nbest = [Hypothesis([10, 11], 0.0, 0.0), Hypothesis([], 0.0, 0.0)]
+    got = backward_logq(backward, source, nbest, pad_id=PAD, bos_id=BOS, eos_id=EOS)
+    with torch.no_grad():
+        logits = backward(torch.tensor([[10, 11]]), torch.tensor([2]), torch.tensor([[BOS, 7, 8, 9]]))
+        expected = -sentence_nll(logits, torch.tensor([[7, 8, 9, EOS]]), PAD)
+    assert got[0] == pytest.approx(float(expected), rel=1e-5)
+    assert len(got) == 2 and got[1] < 0
