@@ -62,6 +62,9 @@ setup(
     entry_points={
         "console_scripts": [
             "ami-train=ami_dist.cli:main",
+            "ami-export=ami_dist.export:main",
+            "ami-evaluate=ami_dist.evaluate:main",
+            "ami-compare=ami_dist.compare:main",
         ]
     },
 )

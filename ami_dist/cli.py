@@ -61,7 +61,7 @@ def run_training(args: argparse.Namespace) -> int:
     from ami_dist import ops
     from ami_dist.config import load_config
     from ami_dist.distributed import detect_launch, init_distributed, shutdown
-    from ami_dist.tracking import make_tracker
+    from ami_dist.tracking import absolute_uri, make_tracker, resolve_uri
     from ami_dist.training.build import build_run, make_run_dir, read_corpus, resolve_deepspeed
     from ami_dist.training.checkpoint import latest_tag, resume
     from ami_dist.training.loop import train
@@ -90,6 +90,7 @@ def run_training(args: argparse.Namespace) -> int:
                            run_id=previous_run)
     if tracker.run_id and comm.is_main:
         run_id_file.write_text(tracker.run_id + "\n")
+        (run_dir / "mlflow_tracking_uri").write_text(absolute_uri(resolve_uri(cfg.tracking.uri)) + "\n")
     try:
         run = build_run(cfg, comm, run_dir, tracker, ds_configs, preset_path, train_pairs, valid_pairs)
         if tag is not None:

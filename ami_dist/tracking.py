@@ -64,6 +64,13 @@ def resolve_uri(configured: str | None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+def absolute_uri(uri: str) -> str:
+    """A SQLite store's URI with its path made absolute (the run may be read from another directory)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
 class MlflowTracker:
     """One MLflow run; metrics and params go in batches through MlflowClient (no global fluent state)."""
 

@@ -19,6 +19,7 @@ from ami_dist.errors import ConfigError
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
+VOCAB_FILES = {"sentencepiece": "spm.model", "words": "vocab.txt"}  # the vocabulary's file in a run directory
 
 
 class Vocab(Protocol):

@@ -11,7 +11,7 @@ import torch
 from ami_dist.config import Config, flatten, save_config, to_dict
 from ami_dist.data.batching import ShardedBucketSampler
 from ami_dist.data.corpus import Split, encode_split, read_split
-from ami_dist.data.vocab import Vocab, train_vocab, vocab_from_bytes
+from ami_dist.data.vocab import VOCAB_FILES, Vocab, train_vocab, vocab_from_bytes
 from ami_dist.distributed import Comm, build_engine, load_preset, resolve_ds_config
 from ami_dist.distributed.engines import load_module_weights, micro_batch_size
 from ami_dist.errors import ConfigError
@@ -22,8 +22,6 @@ from ami_dist.training.context import Network, Run
 from ami_dist.training.optim import build_optimizer
 from ami_dist.training.phases import make_stream
 from ami_dist.training.schedule import Schedule
-
-VOCAB_FILES = {"sentencepiece": "spm.model", "words": "vocab.txt"}
 
 
 def read_corpus(cfg: Config) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:

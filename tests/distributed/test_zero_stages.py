@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ami_dist.export import load_exported
 from tests.conftest import PYTHON, ROOT, subprocess_env, tiny_config, write_config
 
 pytestmark = pytest.mark.distributed
@@ -52,3 +53,12 @@ def test_zero_stage_trains_and_ranks_agree(stage: int, family: str, tmp_path: Pa
             assert torch.equal(value, rank1[net][name]), f"{net}.{name} differs between ranks"
     # the two networks are different models (different seeds and directions), not one copied twice
     assert not torch.equal(rank0["forward"]["generator.weight"], rank0["backward"]["generator.weight"])
+    # the single-file export consolidates the ZeRO shards into exactly these parameters
+    run_dir = next((tmp_path / "runs").iterdir())
+    export = subprocess.run([PYTHON, "-m", "ami_dist.export", str(run_dir), "--out", str(tmp_path / "model.pt")],
+                            cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert export.returncode == 0, export.stderr[-3000:]
+    exported = load_exported(tmp_path / "model.pt")
+    for net in ("forward", "backward"):
+        for name, value in exported.networks[net].named_parameters():
+            assert torch.equal(value, rank0[net][name]), f"exported {net}.{name} differs from the trained one"

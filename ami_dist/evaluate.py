@@ -1,0 +1,187 @@
+"""Decode a test set with an exported model and report sacreBLEU, chrF, distinct-1/2, length and perplexity.
+
+    python -m ami_dist.evaluate --model runs/<run>/model.pt --src data/tatoeba_en_de/test.en \\
+        --ref data/tatoeba_en_de/test.de --beam 5 --rerank mmi --out test.hyp
+
+``--dialogs FILE`` reads PersonaChat text instead (sources built as in training). Results go to a new
+MLflow run nested under the training run (same store and experiment), unless ``--no_mlflow``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from sacrebleu.metrics import BLEU, CHRF
+
+from ami_dist.data.batching import make_batch
+from ami_dist.data.dialog import dialog_pairs, read_personachat
+from ami_dist.data.textio import read_lines
+from ami_dist.decoding.beam import beam_search
+from ami_dist.decoding.greedy import greedy_decode
+from ami_dist.decoding.rerank import Reranker, backward_logq
+from ami_dist.errors import UserError
+from ami_dist.export import Exported, load_exported
+from ami_dist.training.losses import token_nll
+from ami_dist.training.metrics import distinct_n, mean_length
+
+
+def read_inputs(args: argparse.Namespace, exported: Exported) -> tuple[list[str], list[str] | None]:
+    """Source sentences and, when given, references (a missing or misaligned file is a UserError)."""
+    data = exported.source["data"]
+    if args.dialogs:
+        pairs = dialog_pairs(read_personachat(args.dialogs), data["max_history_turns"], data["include_persona"])
+        sources, refs = [s for s, _ in pairs], [t for _, t in pairs]
+    else:
+        sources = read_lines(args.src)
+        refs = read_lines(args.ref) if args.ref else None
+        if refs is not None and len(refs) != len(sources):
+            raise UserError(f"{args.src} has {len(sources)} lines but {args.ref} has {len(refs)}: source and "
+                            "reference files must be aligned line by line")
+    if data.get("lowercase"):
+        sources = [s.lower() for s in sources]
+        refs = [r.lower() for r in refs] if refs is not None else None
+    return sources, refs
+
+
+@torch.no_grad()
+def decode(args: argparse.Namespace, exported: Exported, sources: list[list[int]]) -> list[list[int]]:
+    """Hypothesis ids for every source, in input order; batches are length-sorted for speed."""
+    vocab = exported.vocab
+    model = exported.networks[args.direction]
+    other = exported.networks["backward" if args.direction == "forward" else "forward"]
+    reranker = Reranker(args.rerank, args.mmi_alpha, args.mmi_gamma) if args.rerank != "none" else None
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    out: dict[int, list[int]] = {}
+    for start in range(0, len(order), args.batch_size):
+        rows = order[start : start + args.batch_size]
+        batch = make_batch([sources[i] for i in rows], [[]] * len(rows), vocab.pad_id, vocab.bos_id, vocab.eos_id)
+        if args.beam == 1 and reranker is None:
+            max_len = int(args.max_len_a * int(batch.src_lengths.max()) + args.max_len_b)
+            ids = greedy_decode(model, batch.src, batch.src_lengths, bos_id=vocab.bos_id, eos_id=vocab.eos_id,
+                                pad_id=vocab.pad_id, max_len=max_len)
+            out.update(zip(rows, ids, strict=True))
+            continue
+        nbest = beam_search(model, batch.src, batch.src_lengths, beam_size=args.beam, n_best=args.n_best,
+                            bos_id=vocab.bos_id, eos_id=vocab.eos_id, pad_id=vocab.pad_id,
+                            max_len_a=args.max_len_a, max_len_b=args.max_len_b, alpha=args.length_penalty)
+        for i, hyps in zip(rows, nbest, strict=True):
+            if reranker is not None:
+                scores = backward_logq(other, sources[i], hyps, pad_id=vocab.pad_id, bos_id=vocab.bos_id,
+                                       eos_id=vocab.eos_id)
+                hyps = reranker.rerank(hyps, scores)
+            out[i] = hyps[0].tokens
+    return [out[i] for i in range(len(sources))]
+
+
+@torch.no_grad()
+def perplexity(exported: Exported, direction: str, sources: list[list[int]], refs: list[list[int]],
+               batch_size: int) -> float:
+    """exp of the mean token NLL of the references (EOS included) under the network, teacher-forced."""
+    vocab, model = exported.vocab, exported.networks[direction]
+    nll, tokens = 0.0, 0
+    for start in range(0, len(sources), batch_size):
+        batch = make_batch(sources[start : start + batch_size], refs[start : start + batch_size], vocab.pad_id,
+                           vocab.bos_id, vocab.eos_id)
+        loss, ntok = token_nll(model(batch.src, batch.src_lengths, batch.tgt_in), batch.tgt_out, vocab.pad_id)
+        nll, tokens = nll + float(loss), tokens + int(ntok)
+    return math.exp(min(nll / max(tokens, 1), 50.0))
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, float]:
+    exported = load_exported(args.model)
+    vocab = exported.vocab
+    texts, refs = read_inputs(args, exported)
+    sources = vocab.encode_batch(texts)
+    hyps = [vocab.decode(ids) for ids in decode(args, exported, sources)]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    metrics = {"test/distinct1": distinct_n(hyps, 1), "test/distinct2": distinct_n(hyps, 2),
+               "test/length": mean_length(hyps)}
+    signature = ""
+    if refs is not None:
+        bleu = BLEU(tokenize=args.tokenize or exported.source["eval"]["bleu_tokenize"])
+        metrics["test/bleu"] = bleu.corpus_score(hyps, [refs]).score
+        signature = str(bleu.get_signature())
+        metrics["test/chrf"] = CHRF().corpus_score(hyps, [refs]).score
+        metrics["test/ppl"] = perplexity(exported, args.direction, sources, vocab.encode_batch(refs), args.batch_size)
+    summary = "  ".join(f"{k.removeprefix('test/')} {v:.4f}" if "distinct" in k
+                        else f"{k.removeprefix('test/')} {v:.2f}" for k, v in metrics.items())
+    print(f"{len(hyps)} sentences -> {out}\n{summary}")
+    if signature:
+        print(f"sacreBLEU signature: {signature}")
+    if not args.no_mlflow:
+        _log(args, exported, metrics, signature, out)
+    return metrics
+
+
+def _log(args: argparse.Namespace, exported: Exported, metrics: dict[str, float], signature: str, out: Path) -> None:
+    from ami_dist.tracking import MlflowTracker
+
+    source = exported.source
+    tags = {"kind": "evaluation", "evaluated_model": str(Path(args.model).resolve()), "task": source["task"]}
+    if source.get("mlflow_run_id"):
+        tags["mlflow.parentRunId"] = source["mlflow_run_id"]  # nests the evaluation under its training run
+    if signature:
+        tags["bleu_signature"] = signature
+    tracker = MlflowTracker(source["tracking_uri"], source["experiment"], f"eval-{Path(args.out).stem}", tags)
+    tracker.log_params({k: v for k, v in vars(args).items() if k not in ("model", "no_mlflow")})
+    tracker.log_metrics(metrics, 0)
+    results = out.with_suffix(out.suffix + ".json")
+    results.write_text(json.dumps({"metrics": metrics, "bleu_signature": signature}, indent=2) + "\n")
+    tracker.log_artifact(out, "evaluation")
+    tracker.log_artifact(results, "evaluation")
+    tracker.finish()
+    print(f"MLflow evaluation run {tracker.run_id} (under training run {source.get('mlflow_run_id') or '-'})")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from ami_dist.cli import _Parser
+
+    p = _Parser(prog="python -m ami_dist.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="an exported model (python -m ami_dist.export RUN_DIR)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--src", help="source sentences, one per line")
+    group.add_argument("--dialogs", help="PersonaChat dialogs (ParlAI fbdialog text)")
+    p.add_argument("--ref", help="references aligned with --src (for BLEU, chrF and perplexity)")
+    p.add_argument("--out", default="hypotheses.txt", help="where to write the hypotheses")
+    p.add_argument("--direction", choices=("forward", "backward"), default="forward")
+    p.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
+    p.add_argument("--n_best", type=int, default=1, help="hypotheses kept per sentence for reranking")
+    p.add_argument("--length_penalty", type=float, default=0.0, help="GNMT length penalty α")
+    p.add_argument("--rerank", choices=("none", "mmi", "backward"), default="none")
+    p.add_argument("--mmi_alpha", type=float, default=0.5, help="weight of log q(S|T) in mmi reranking")
+    p.add_argument("--mmi_gamma", type=float, default=0.0, help="length bonus per token in mmi reranking")
+    p.add_argument("--max_len_a", type=float, default=1.5)
+    p.add_argument("--max_len_b", type=int, default=10)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--tokenize", help="sacreBLEU tokenizer (default: the run's eval.bleu_tokenize)")
+    p.add_argument("--no_mlflow", action="store_true", help="do not log the evaluation to MLflow")
+    args = p.parse_args(argv)
+    if args.beam < 1 or not 1 <= args.n_best <= args.beam:
+        p.error("need --beam >= 1 and 1 <= --n_best <= --beam")
+    if args.rerank != "none" and args.n_best < 2:
+        p.error("--rerank needs an n-best list: set --beam and --n_best >= 2")
+    if args.dialogs and args.ref:
+        p.error("--ref goes with --src; PersonaChat dialogs carry their own responses")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ami_dist.cli import EXIT_USER_ERROR
+
+    try:
+        evaluate(parse_args(argv))
+    except UserError as e:
+        print(f"ami-dist: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Consolidate a run's checkpoint into one fp32 file for inference, and load such a file safely.
+
+``python -m ami_dist.export RUN_DIR [--tag step900] [--out model.pt]`` gathers the forward and backward
+networks from their DeepSpeed (ZeRO 1/2/3) shards into whole fp32 tensors and writes them with the model
+config, the vocabulary and where they came from. The file holds only tensors, numbers, strings and
+bytes, so ``torch.load(path, weights_only=True)`` reads it and a malicious file cannot run code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ami_dist.config import Config, load_config, to_dict
+from ami_dist.data.vocab import VOCAB_FILES, Vocab, vocab_from_bytes
+from ami_dist.errors import UserError
+from ami_dist.models import ModelConfig, Seq2Seq, build_model
+from ami_dist.typed_config import Located, build
+
+FORMAT = "ami-dist-model/1"
+NETWORKS = ("forward", "backward")
+
+
+@dataclass
+class Exported:
+    """An exported pair of networks, ready to decode on the CPU."""
+
+    networks: dict[str, Seq2Seq]
+    vocab: Vocab
+    source: dict[str, Any]  # run directory, tag, MLflow run and store, data and evaluation settings
+
+
+def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None) -> Path:
+    """Write the consolidated fp32 networks of checkpoint ``tag`` (default: the newest) to ``out``."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from ami_dist.tracking import absolute_uri, resolve_uri
+    from ami_dist.training.checkpoint import latest_tag
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir}: not a run directory (no config.yaml in it)")
+    cfg: Config = load_config(run_dir / "config.yaml")
+    tag = tag or latest_tag(run_dir)
+    networks = {}
+    for name in NETWORKS:
+        checkpoint = run_dir / "checkpoints" / name
+        if not (checkpoint / tag).is_dir():
+            raise UserError(f"{checkpoint / tag}: checkpoint not found")
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tag)
+        networks[name] = {key: value.detach().float().contiguous().clone() for key, value in state.items()}
+    run_id_file, uri_file = run_dir / "mlflow_run_id", run_dir / "mlflow_tracking_uri"
+    payload = {
+        "format": FORMAT,
+        "model": to_dict(cfg.model),
+        "vocab": {"kind": cfg.vocab.kind, "data": (run_dir / VOCAB_FILES[cfg.vocab.kind]).read_bytes()},
+        "networks": networks,
+        "source": {
+            "run_dir": str(run_dir.resolve()),
+            "tag": tag,
+            "mlflow_run_id": run_id_file.read_text().strip() if run_id_file.is_file() else "",
+            "tracking_uri": uri_file.read_text().strip() if uri_file.is_file() else absolute_uri(
+                resolve_uri(cfg.tracking.uri)),
+            "experiment": cfg.tracking.experiment,
+            "task": cfg.run.task,
+            "data": to_dict(cfg.data),
+            "eval": to_dict(cfg.eval),
+        },
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, out)
+    return out
+
+
+def load_exported(path: str | Path) -> Exported:
+    """Read an exported file with ``weights_only=True``; anything else than our format is a UserError."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: model file not found") from None
+    except Exception as e:  # a truncated file, a foreign pickle, code that would have to run to load it
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a loadable ami-dist model file ({reason})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"{path}: not an ami-dist model file (expected format {FORMAT!r}; export one with "
+                        "python -m ami_dist.export RUN_DIR)")
+    model_cfg = build(ModelConfig, payload["model"], Located(str(path)), prefix="model")
+    vocab = vocab_from_bytes(payload["vocab"]["kind"], payload["vocab"]["data"])
+    networks = {}
+    for name in NETWORKS:
+        model = build_model(model_cfg, len(vocab), vocab.pad_id)
+        try:
+            model.load_state_dict(payload["networks"][name], strict=True)
+        except (KeyError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0][:200]
+            raise UserError(f"{path}: the {name} network's weights do not fit its config ({first})") from None
+        networks[name] = model.eval()
+    return Exported(networks, vocab, payload["source"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ami_dist.cli import EXIT_USER_ERROR
+
+    parser = argparse.ArgumentParser(prog="python -m ami_dist.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="a training run directory (runs/<name>-<time>)")
+    parser.add_argument("--tag", help="checkpoint tag, e.g. step900 (default: the newest)")
+    parser.add_argument("--out", help="output file (default: RUN_DIR/model.pt)")
+    args = parser.parse_args(argv)
+    try:
+        out = export_run(args.run_dir, args.out or Path(args.run_dir) / "model.pt", args.tag)
+    except UserError as e:
+        print(f"ami-dist: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): forward and backward networks, fp32")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
