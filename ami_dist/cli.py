@@ -1,16 +1,19 @@
 """Command line of ``ami_dist/train.py`` (also ``ami-train``): parse, build, train, close.
 
 User mistakes (config, data, arguments) end with one ``ami-dist: error: ...`` line and exit code 2;
-a run that fails after it started is marked FAILED in MLflow and keeps its last checkpoint.
+a run that fails after it started is marked FAILED in MLflow and keeps its last checkpoint; a run stopped
+by the preemption signal saves a checkpoint and exits with code 75, for its batch job to requeue it.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 import traceback
 import warnings
+from pathlib import Path
 
 from ami_dist.errors import UserError
 
@@ -32,14 +35,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue a run from its newest checkpoint, into the same MLflow run "
                         "(uses RUN_DIR/config.yaml unless --config is given)")
+    parser.add_argument("--run_dir", metavar="DIR",
+                        help="use exactly DIR as the run directory: a new run there or, if DIR already holds one, "
+                        "continue it from its newest checkpoint into the same MLflow run with its saved config "
+                        "(how a requeued Slurm job finds its run)")
     parser.add_argument("--deepspeed_config", default=None,
                         help="DeepSpeed preset (JSON), e.g. configs/ds_zero2.json "
                         "(default: the config's distributed.deepspeed_config)")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     args = parser.parse_args(argv)
-    if args.config is None and args.resume is None:
-        parser.error("one of --config or --resume is required")
+    if args.config is None and args.resume is None and args.run_dir is None:
+        parser.error("one of --config, --resume or --run_dir is required")
+    if args.resume is not None and args.run_dir is not None:
+        parser.error("--resume and --run_dir exclude each other (--run_dir DIR continues the run in DIR)")
     return args
 
 
@@ -56,60 +65,109 @@ def _quiet_libraries() -> None:
 
 def run_training(args: argparse.Namespace) -> int:
     """The whole run; returns the process exit code."""
-    from pathlib import Path
-
     from ami_dist import ops
     from ami_dist.config import load_config
     from ami_dist.distributed import detect_launch, init_distributed, shutdown
-    from ami_dist.tracking import absolute_uri, make_tracker, resolve_uri
+    from ami_dist.distributed.preemption import EXIT_REQUEUE, Preemption
+    from ami_dist.distributed.watchdog import start_watchdog
+    from ami_dist.tracking import NullTracker, Tracker, absolute_uri, make_tracker, resolve_uri
     from ami_dist.training.build import build_run, make_run_dir, read_corpus, resolve_deepspeed
     from ami_dist.training.checkpoint import latest_tag, resume
     from ami_dist.training.loop import train
 
     # Everything a user can get wrong is checked before the ranks meet, so a mistake fails fast on
     # every rank instead of leaving the others waiting in a collective.
-    resume_dir = Path(args.resume) if args.resume else None
+    exact_dir = Path(args.run_dir) if args.run_dir else None
+    continuing = exact_dir is not None and (exact_dir / "config.yaml").is_file()
+    resume_dir = exact_dir if continuing else Path(args.resume) if args.resume else None
     if resume_dir is not None and not (resume_dir / "config.yaml").is_file():
         raise UserError(f"--resume {resume_dir}: not a run directory (no config.yaml in it)")
-    cfg = load_config(args.config or resume_dir / "config.yaml", args.overrides)
+    if exact_dir is not None and not continuing and args.config is None:
+        raise UserError(f"--run_dir {exact_dir}: holds no run yet, so --config is needed to start one")
+    # A requeued job repeats its command line, but its checkpoints fit the config the run was saved with.
+    cfg = load_config(resume_dir / "config.yaml" if continuing else args.config or resume_dir / "config.yaml",
+                      args.overrides)
+    # Installed early: the signal's default action would end the process.
+    preemption = Preemption(cfg.distributed.preempt_signal).install()
     ops.set_impl(cfg.lns.impl)
     preset_path = args.deepspeed_config or cfg.distributed.deepspeed_config
     cfg.distributed.deepspeed_config = preset_path  # the saved config says which preset ran
     ds_configs = resolve_deepspeed(cfg, preset_path, detect_launch().world_size)
-    tag = latest_tag(resume_dir) if resume_dir is not None else None
+    tag = latest_tag(resume_dir) if resume_dir is not None and _has_checkpoint(resume_dir, continuing) else None
     train_pairs, valid_pairs = read_corpus(cfg)
     _quiet_libraries()
     comm = init_distributed(cfg.distributed.timeout_s, cfg.train.threads_per_rank)
     _quiet_libraries()
-    run_dir = resume_dir if resume_dir is not None else make_run_dir(cfg, comm)
-    run_id_file = run_dir / "mlflow_run_id"
-    previous_run = run_id_file.read_text().strip() if resume_dir is not None and run_id_file.is_file() else None
-    tracker = make_tracker(cfg.tracking.enabled, comm.is_main, cfg.tracking.uri, cfg.tracking.experiment,
-                           cfg.run.name, {"task": cfg.run.task, "model_family": cfg.model.family,
-                                          "launcher": comm.info.launcher, "run_dir": str(run_dir)},
-                           run_id=previous_run)
-    if tracker.run_id and comm.is_main:
-        run_id_file.write_text(tracker.run_id + "\n")
-        (run_dir / "mlflow_tracking_uri").write_text(absolute_uri(resolve_uri(cfg.tracking.uri)) + "\n")
+    watchdog = start_watchdog(comm.rank, comm.world_size, cfg.distributed.failure_timeout_s)
+    tracker: Tracker = NullTracker()
+    code = 0
     try:
+        run_dir = resume_dir or (_exact_run_dir(cfg, comm, exact_dir) if exact_dir else make_run_dir(cfg, comm))
+        run_id_file = run_dir / "mlflow_run_id"
+        previous_run = run_id_file.read_text().strip() if resume_dir is not None and run_id_file.is_file() else None
+        tracker = make_tracker(cfg.tracking.enabled, comm.is_main, cfg.tracking.uri, cfg.tracking.experiment,
+                               cfg.run.name, {"task": cfg.run.task, "model_family": cfg.model.family,
+                                              "launcher": comm.info.launcher, "run_dir": str(run_dir)},
+                               run_id=previous_run)
+        if watchdog is not None:  # rank 0 records another rank's failure before it exits
+            watchdog.on_failure = lambda reason: _record_failure(tracker, reason)
+        hosts = comm.gather(socket.gethostname())
+        if tracker.run_id and comm.is_main:
+            run_id_file.write_text(tracker.run_id + "\n")
+            (run_dir / "mlflow_tracking_uri").write_text(absolute_uri(resolve_uri(cfg.tracking.uri)) + "\n")
+            tracker.set_tags({"hosts": ",".join(sorted(set(hosts or [])))})
         run = build_run(cfg, comm, run_dir, tracker, ds_configs, preset_path, train_pairs, valid_pairs)
         if tag is not None:
             resume(run, tag)
             if comm.is_main:
                 print(f"resumed {run_dir} from checkpoint {tag} (step {run.step})", flush=True)
-        metrics = train(run)
-        if comm.is_main and metrics is None:
-            print(f"stopped after step {run.step} of {run.schedule.total_steps} with a checkpoint; continue with "
-                  f"--resume {run_dir}", flush=True)
-        elif comm.is_main:
-            _print_summary(run, metrics, tracker)
-        tracker.finish("FINISHED")
+        metrics = train(run, preemption)
+        if preemption.stopped:
+            code = EXIT_REQUEUE
+            if comm.is_main:
+                print(f"preempted ({preemption.signal_name}) after step {run.step} of {run.schedule.total_steps}: "
+                      f"checkpoint saved; exit code {EXIT_REQUEUE} asks for a requeue (or continue with "
+                      f"--resume {run_dir})", flush=True)
+            tracker.set_tags({"preempted_at_step": str(run.step)})
+            tracker.finish("SCHEDULED")  # until the requeued job reopens it
+        else:
+            if comm.is_main and metrics is None:
+                print(f"stopped after step {run.step} of {run.schedule.total_steps} with a checkpoint; continue "
+                      f"with --resume {run_dir}", flush=True)
+            elif comm.is_main:
+                _print_summary(run, metrics, tracker)
+            tracker.finish("FINISHED")
     except BaseException as e:
-        tracker.set_tags({"failure_reason": f"{type(e).__name__}: {e}"[:500]})
-        tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        if watchdog is not None:  # tell the other ranks, or, if the cause lies elsewhere, learn which rank
+            watchdog.report(e)
+        _record_failure(tracker, f"{type(e).__name__}: {e}", "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
+    if watchdog is not None:  # every checkpoint shard is written before any rank exits
+        watchdog.close(comm.barrier)
     shutdown()
-    return 0
+    return code
+
+
+def _has_checkpoint(run_dir: Path, continuing: bool) -> bool:
+    """--resume insists on a checkpoint; a --run_dir job that ended before its first one starts over."""
+    return not continuing or (run_dir / "checkpoints" / "forward" / "latest").is_file()
+
+
+def _exact_run_dir(cfg, comm, path: Path) -> Path:
+    """``path`` itself as a new run directory (created by rank 0, with the resolved config in it)."""
+    from ami_dist.config import save_config
+
+    def create() -> str:
+        path.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, path / "config.yaml")
+        return str(path)
+
+    return Path(comm.on_main(create))
+
+
+def _record_failure(tracker, reason: str, status: str = "FAILED") -> None:
+    tracker.set_tags({"failure_reason": reason[:500]})
+    tracker.finish(status)
 
 
 def _print_summary(run, metrics: dict[str, float], tracker) -> None:

@@ -132,6 +132,14 @@ class DistributedConfig:
         "configs/ds_zero2.json", "DeepSpeed preset (ZeRO stage etc.); --deepspeed_config overrides it"
     )
     timeout_s: int = spec(600, "collective timeout: a rank that waits longer fails instead of hanging", gt=0)
+    failure_timeout_s: int = spec(
+        60, "a rank without a heartbeat for this long counts as failed; every rank then exits non-zero within "
+        "failure_timeout_s + 30 s, naming it", ge=3,
+    )
+    preempt_signal: Literal["SIGUSR1", "SIGUSR2", "SIGTERM", "none"] = spec(
+        "SIGUSR1", "on this signal all ranks checkpoint after the current step and exit with code 75 (requeue "
+        "me); Slurm: #SBATCH --signal=USR1@<seconds>",
+    )
 
 
 @dataclass

@@ -97,7 +97,8 @@ def init_distributed(timeout_s: int = 600, threads: int = 0) -> Comm:
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(info.local_rank)
+        # One GPU per local rank whether the launcher shows each rank every GPU of its node or only its own.
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
                                    verbose=False)

@@ -7,6 +7,8 @@ import socket
 import subprocess
 from dataclasses import dataclass
 
+_LAUNCHER_KEY = "AMI_DIST_LAUNCHER"  # which launcher an earlier detect_launch() found, in this process's env
+
 
 @dataclass(frozen=True)
 class LaunchInfo:
@@ -50,7 +52,8 @@ def detect_launch(environ: dict[str, str] | None = None) -> LaunchInfo:
     """
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        launcher = "deepspeed/torchrun"
+        # RANK may be ours, filled in by an earlier call from Slurm's variables (or for a single process)
+        launcher = env.get(_LAUNCHER_KEY, "deepspeed/torchrun")
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
         local_rank = int(env.get("LOCAL_RANK", "0"))
         local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", "0")) or 0)
@@ -74,6 +77,7 @@ def detect_launch(environ: dict[str, str] | None = None) -> LaunchInfo:
         env[key] = str(value)
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", "29500")
+    env[_LAUNCHER_KEY] = launcher
     return LaunchInfo(rank, world, local_rank, local_world, env["MASTER_ADDR"], int(env["MASTER_PORT"]), launcher)
 
 

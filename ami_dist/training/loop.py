@@ -6,6 +6,7 @@ import time
 
 from tqdm import tqdm
 
+from ami_dist.distributed.preemption import Preemption
 from ami_dist.training.checkpoint import save_checkpoint
 from ami_dist.training.context import Run
 from ami_dist.training.evaluation import evaluate
@@ -34,8 +35,8 @@ def _engines(run: Run) -> dict[str, object]:
     return engines
 
 
-def train(run: Run) -> dict[str, float] | None:
-    """Run the schedule from ``run.step`` to its end (or ``train.stop_after_steps``).
+def train(run: Run, preemption: Preemption | None = None) -> dict[str, float] | None:
+    """Run the schedule from ``run.step`` to its end (or ``train.stop_after_steps``, or ``preemption``).
 
     Returns the final validation metrics (on rank 0), or None when stopped early with a checkpoint.
     """
@@ -72,6 +73,8 @@ def train(run: Run) -> dict[str, float] | None:
                                   if k.endswith("mle_nll")} | {"tok/s": f"{metrics['train/tgt_tokens_per_s']:.0f}"})
             tokens = 0
             started = time.perf_counter()
+        if preemption is not None and run.step < end and preemption.should_stop(comm):
+            break  # every rank agreed on this same step; the checkpoint below is the one to requeue from
         paused = time.perf_counter()
         if tc.valid_every and run.step % tc.valid_every == 0 and run.step < end:
             evaluate(run)
