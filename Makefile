@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.ami-dist-installed
+# JIT-built ops (DeepSpeed's shared-memory collective) live inside the venv, not in ~/.cache, so that
+# a clone never waits on another clone's build lock or loads a build made against another torch.
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 CSRC := $(wildcard csrc/*)
 
 .PHONY: demo test lint setup clean
@@ -18,8 +21,9 @@ $(STAMP): requirements.txt constraints.txt setup.py $(CSRC)
 	$(PIP) install --quiet --no-build-isolation deepspeed==0.19.8 -c constraints.txt
 	$(PIP) install --quiet --no-build-isolation --no-deps -e .
 	@# DeepSpeed JIT-compiles its shared-memory collective op on first use (about a minute);
-	@# do it once here rather than inside the first training run or test.
-	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	@# do it once here rather than inside the first training run or test. A build that hangs fails
+	@# here after ten minutes rather than stalling every run after it.
+	timeout 600 $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -150,7 +150,9 @@ def run_training(args: argparse.Namespace) -> int:
 
 def _has_checkpoint(run_dir: Path, continuing: bool) -> bool:
     """--resume insists on a checkpoint; a --run_dir job that ended before its first one starts over."""
-    return not continuing or (run_dir / "checkpoints" / "forward" / "latest").is_file()
+    from ami_dist.training.checkpoint import has_checkpoint
+
+    return not continuing or has_checkpoint(run_dir)
 
 
 def _exact_run_dir(cfg, comm, path: Path) -> Path:

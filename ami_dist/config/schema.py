@@ -91,6 +91,7 @@ class TrainConfig:
     log_every: int = spec(50, "log training metrics every N steps", gt=0)
     valid_every: int = spec(0, "evaluate every N steps (0 = only at the end)", ge=0)
     save_every: int = spec(0, "checkpoint every N steps (0 = only at the end)", ge=0)
+    keep_checkpoints: int = spec(3, "keep the newest N complete checkpoints, delete older ones (0 = keep all)", ge=0)
     bucket_batches: int = spec(100, "length bucketing: sort pools of this many batches by length", gt=0)
     threads_per_rank: int = spec(0, "intra-op threads per rank (0 = CPU cores / local ranks)", ge=0)
     eval_before_training: bool = spec(False, "also evaluate at step 0 (a baseline for the learning curve)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -93,6 +94,9 @@ def init_distributed(timeout_s: int = 600, threads: int = 0) -> Comm:
     torch.set_num_threads(threads_per_rank(threads, info.local_world_size))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than have DeepSpeed warn it guessed
+    # DeepSpeed JIT-builds ops (on CPU, its shared-memory collective); keep them with this environment,
+    # where `make setup` built them, rather than in a per-user cache shared with other environments.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     import deepspeed  # heavy import; only the training path pays for it
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"

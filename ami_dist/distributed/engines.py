@@ -86,8 +86,11 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
     """Wrap one network in its own DeepSpeed engine (own optimizer, scheduler and ZeRO partitioning)."""
     import deepspeed
 
+    from ami_dist.distributed.safe_load import use_safe_loading
+
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
+    use_safe_loading(engine)  # its checkpoints are read with weights_only=True
     return engine
 
 

@@ -1,20 +1,31 @@
-"""Checkpoints: every rank saves its shards of every engine, plus the run's position and its own RNG state.
+"""Crash-safe checkpoints: complete or absent, never partial; the newest ``train.keep_checkpoints`` kept.
 
 Layout under ``<run_dir>/checkpoints/``: ``forward/``, ``backward/`` and (AMI runs) ``noise/`` hold
-DeepSpeed checkpoints tagged ``step<N>``; ``ranks/step<N>/rank<r>.pt`` holds what differs per rank
-(the torch RNG state and the latent-noise stream offset), so a resumed run continues exactly.
+DeepSpeed checkpoints tagged ``step<N>``; ``ranks/step<N>/rank<r>.pt`` holds what differs per rank (the
+torch RNG state and the latent-noise stream offset); ``latest`` names the newest complete tag.
+
+A save writes everything under ``step<N>.partial`` names, every rank fsyncs what it wrote, and after a
+barrier rank 0 renames the directories to ``step<N>`` and then, last, replaces ``latest`` (write a
+temporary file, fsync, rename). A process killed at any moment leaves ``latest`` pointing at a complete
+checkpoint; leftovers of an interrupted save are removed by the next one. The run directory must be on a
+filesystem every rank sees (as on a cluster's shared storage).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ami_dist.config import SCHEMA_VERSION
+from ami_dist.distributed.safe_load import safe_torch_load
 from ami_dist.errors import UserError
 from ami_dist.training.context import Run
+
+PARTIAL = ".partial"
 
 
 def _engines(run: Run) -> dict[str, Any]:
@@ -24,13 +35,48 @@ def _engines(run: Run) -> dict[str, Any]:
     return engines
 
 
-def checkpoint_dir(run: Run, name: str) -> Path:
-    return run.run_dir / "checkpoints" / name
+def checkpoint_root(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _tag_dirs(run: Run, tag: str) -> list[Path]:
+    root = checkpoint_root(run.run_dir)
+    return [root / name / tag for name in [*_engines(run), "ranks"]]
 
 
 def save_checkpoint(run: Run) -> str:
-    """Save every engine under tag ``step<N>`` (collective: every rank must call it). Returns the tag."""
+    """Save every engine and every rank's state under tag ``step<N>`` (collective). Returns the tag."""
     tag = f"step{run.step}"
+    root = checkpoint_root(run.run_dir)
     client_state: dict[str, Any] = {
         "step": run.step,
         "sampler": run.sampler.state_dict(),
@@ -40,19 +86,58 @@ def save_checkpoint(run: Run) -> str:
         position = run.schedule.position(run.step)
         client_state["schedule"] = {"phase": position.phase.name.lower(), "step_in_phase": position.step_in_phase,
                                     "cycle": position.cycle}
+    if run.comm.is_main:  # leftovers of a save that was killed before it completed
+        for stale in _tag_dirs(run, tag + PARTIAL):
+            shutil.rmtree(stale, ignore_errors=True)
+    run.comm.barrier()
     for name, engine in _engines(run).items():
-        engine.save_checkpoint(str(checkpoint_dir(run, name)), tag=tag, client_state=client_state)
-    rank_dir = checkpoint_dir(run, "ranks") / tag
+        engine.save_checkpoint(str(root / name), tag=tag + PARTIAL, client_state=client_state, save_latest=False)
+    rank_dir = root / "ranks" / (tag + PARTIAL)
     rank_dir.mkdir(parents=True, exist_ok=True)
     torch.save({"torch_rng": torch.get_rng_state(),
                 "noise_offset": run.stream.offset if run.stream is not None else 0},
                rank_dir / f"rank{run.comm.rank}.pt")
+    for partial in _tag_dirs(run, tag + PARTIAL):
+        if partial.is_dir():
+            _fsync_tree(partial)
+    run.comm.barrier()  # every rank's shards are on disk
+    if run.comm.is_main:
+        _commit(run, tag)
+    run.comm.barrier()
     return tag
 
 
+def _commit(run: Run, tag: str) -> None:
+    root = checkpoint_root(run.run_dir)
+    for partial, final in zip(_tag_dirs(run, tag + PARTIAL), _tag_dirs(run, tag), strict=True):
+        if final.exists():  # a complete-looking leftover that ``latest`` never pointed at
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _fsync_dir(final.parent)
+        if final.parent.name != "ranks":  # DeepSpeed's own pointer, for its tools (zero_to_fp32.py)
+            _write_atomically(final.parent / "latest", tag)
+    _write_atomically(root / "latest", tag)  # the commit point
+    keep = run.cfg.train.keep_checkpoints
+    if keep:
+        for old in completed_tags(run.run_dir)[:-keep]:
+            for directory in _tag_dirs(run, old):
+                shutil.rmtree(directory, ignore_errors=True)
+
+
+def completed_tags(run_dir: Path) -> list[str]:
+    """Tags of the complete checkpoints of a run, oldest first."""
+    ranks = checkpoint_root(run_dir) / "ranks"
+    tags = [p.name for p in ranks.glob("step*") if p.is_dir() and not p.name.endswith(PARTIAL)]
+    return sorted(tags, key=lambda t: int(t.removeprefix("step")))
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return (checkpoint_root(run_dir) / "latest").is_file()
+
+
 def latest_tag(run_dir: Path) -> str:
-    """The tag of the newest complete checkpoint of a run (as written by DeepSpeed's ``latest`` file)."""
-    latest = run_dir / "checkpoints" / "forward" / "latest"
+    """The tag of the newest complete checkpoint of a run."""
+    latest = checkpoint_root(run_dir) / "latest"
     if not latest.is_file():
         raise UserError(f"{run_dir}: no checkpoint to resume from (missing {latest})")
     return latest.read_text(encoding="utf-8").strip()
@@ -61,10 +146,15 @@ def latest_tag(run_dir: Path) -> str:
 def resume(run: Run, tag: str) -> None:
     """Load every engine and this rank's state from checkpoint ``tag``; the run continues at its step."""
     client: dict[str, Any] | None = None
+    root = checkpoint_root(run.run_dir)
     for name, engine in _engines(run).items():
-        path, state = engine.load_checkpoint(str(checkpoint_dir(run, name)), tag=tag)
+        try:
+            path, state = engine.load_checkpoint(str(root / name), tag=tag)
+        except RuntimeError as e:  # shapes that do not fit this run's networks
+            first = str(e).strip().splitlines()[0][:300]
+            raise UserError(f"{root / name / tag}: does not fit this run's {name} network ({first})") from None
         if path is None:
-            raise UserError(f"{checkpoint_dir(run, name)}: checkpoint {tag} not found")
+            raise UserError(f"{root / name / tag}: checkpoint not found")
         client = client or state
     assert client is not None
     if client.get("schema_version") != SCHEMA_VERSION:
@@ -75,10 +165,10 @@ def resume(run: Run, tag: str) -> None:
         run.sampler.load_state_dict(client["sampler"])
     except ValueError as e:
         raise UserError(f"{run.run_dir}: cannot resume checkpoint {tag}: {e}") from None
-    rank_file = checkpoint_dir(run, "ranks") / tag / f"rank{run.comm.rank}.pt"
+    rank_file = root / "ranks" / tag / f"rank{run.comm.rank}.pt"
     if not rank_file.is_file():
         raise UserError(f"{rank_file}: missing (was the checkpoint written with a different number of ranks?)")
-    state = torch.load(rank_file, weights_only=True)
+    state = safe_torch_load(rank_file)
     torch.set_rng_state(state["torch_rng"])
     if run.stream is not None:
         run.stream.offset = int(state["noise_offset"])
