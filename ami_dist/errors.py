@@ -14,3 +14,10 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A data file that cannot be read or parsed."""
+
+
+class RunStopped(Exception):
+    """A run that stopped itself for a stated reason after it started (not a user mistake, not a bug).
+
+    The CLI prints the one-line message without a traceback and exits with code 1; the MLflow run is FAILED.
+    """

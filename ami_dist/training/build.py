@@ -19,6 +19,7 @@ from ami_dist.models import build_model
 from ami_dist.models.noise import NoiseNetwork
 from ami_dist.tracking import Tracker
 from ami_dist.training.context import Network, Run
+from ami_dist.training.guard import StepGuard
 from ami_dist.training.optim import build_optimizer
 from ami_dist.training.phases import make_stream
 from ami_dist.training.schedule import Schedule
@@ -113,7 +114,9 @@ def build_run(cfg: Config, comm: Comm, run_dir: Path, tracker: Tracker, ds_confi
         model = NoiseNetwork(cfg.model.hidden_size, cfg.ami.noise_inner_size or cfg.model.hidden_size)
         optimizer, scheduler = build_optimizer(list(model.parameters()), cfg.noise_optim, cfg.model.hidden_size)
         noise = build_engine(model, optimizer, scheduler, ds_configs["noise"])
-    run = Run(cfg, comm, run_dir, vocab, networks, sampler, tracker, build_schedule(cfg), noise=noise,
+    guard = StepGuard(cfg.train.max_bad_steps, comm.rank, cfg.fault.nan_loss_steps, cfg.fault.nan_grad_steps,
+                      cfg.fault.rank)
+    run = Run(cfg, comm, run_dir, vocab, networks, sampler, tracker, build_schedule(cfg), guard, noise=noise,
               stream=make_stream(cfg.run.seed, comm.rank))
     if comm.is_main:
         for name, ds_config in ds_configs.items():

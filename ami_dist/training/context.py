@@ -12,6 +12,7 @@ from ami_dist.data.corpus import Split
 from ami_dist.data.vocab import Vocab
 from ami_dist.distributed.comm import Comm
 from ami_dist.tracking import Tracker
+from ami_dist.training.guard import StepGuard
 from ami_dist.training.schedule import Schedule
 from ami_dist.training.synthetic import NoiseStream
 
@@ -42,6 +43,7 @@ class Run:
     sampler: ShardedBucketSampler
     tracker: Tracker
     schedule: Schedule
+    guard: StepGuard  # skips non-finite updates and counts them
     noise: Any = None  # the noise network's DeepSpeed engine (AMI runs only)
     stream: NoiseStream | None = None  # this rank's latent-noise random stream
     step: int = 0  # batches consumed = global steps completed

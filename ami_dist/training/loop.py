@@ -54,16 +54,25 @@ def train(run: Run, preemption: Preemption | None = None) -> dict[str, float] | 
                     dynamic_ncols=True, mininterval=1.0)
     while run.step < end:
         position = run.schedule.position(run.step)
+        run.guard.begin_step(run.step + 1)
         for _ in range(tc.grad_accum):
             indices = next(batches)
             run_step(run, position, indices, meter)
             tokens += sum(len(tgt_lengths[i]) + 1 for i in indices)
         run.step += 1
         progress.update(1)
+        skipped = run.guard.end_step()
+        if skipped is not None and comm.is_main:
+            progress.write(f"ami-dist: warning: {skipped}")
+        if run.guard.exhausted:
+            progress.close()
+            raise run.guard.stop_error(save_checkpoint(run))
         if run.step % tc.log_every == 0 or run.step == end:
             metrics = meter.reduce(comm)
             elapsed = time.perf_counter() - started
             metrics["train/tgt_tokens_per_s"] = comm.sum([float(tokens)])[0] / max(elapsed, 1e-9)
+            # DeepSpeed counts the updates it skipped for a non-finite gradient norm, and checkpoints the count
+            metrics["train/skipped_updates"] = float(sum(e.skipped_steps for e in _engines(run).values()))
             metrics["schedule/phase"] = float(position.phase)
             metrics["schedule/cycle"] = float(position.cycle)
             for name, engine in _engines(run).items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from ami_dist.distributed.comm import Comm
 
 
@@ -17,7 +19,12 @@ class Meter:
         self.counts = dict.fromkeys(self.names, 0.0)
 
     def add(self, name: str, value: float, count: float = 1.0) -> None:
-        """Add ``value`` as the total of ``count`` observations (e.g. summed NLL over count tokens)."""
+        """Add ``value`` as the total of ``count`` observations (e.g. summed NLL over count tokens).
+
+        A non-finite value (its update was skipped; the step guard counts it) is left out of the mean.
+        """
+        if not math.isfinite(value):
+            return
         self.sums[name] += value
         self.counts[name] += count
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -9,16 +10,23 @@ import torch
 from ami_dist.data.batching import Batch
 from ami_dist.training.losses import token_nll
 
+Update = Callable[[Any, torch.Tensor], object]  # (engine, loss): backward and optimizer step
 
-def mle_step(engine: Any, batch: Batch, pad_id: int, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
-    """One micro-step of token-level MLE on a DeepSpeed engine: forward, backward, step.
+
+def plain_update(engine: Any, loss: torch.Tensor) -> None:
+    engine.backward(loss)
+    engine.step()
+
+
+def mle_step(engine: Any, batch: Batch, pad_id: int, label_smoothing: float = 0.0,
+             update: Update = plain_update) -> tuple[torch.Tensor, int]:
+    """One micro-step of token-level MLE on a DeepSpeed engine: forward, then ``update`` (backward and step).
 
     Returns the summed NLL (without label smoothing, detached) and the number of target tokens.
     """
     logits = engine(batch.src, batch.src_lengths, batch.tgt_in)
     loss_sum, ntok = token_nll(logits, batch.tgt_out, pad_id, label_smoothing)
-    engine.backward(loss_sum / ntok)
-    engine.step()
+    update(engine, loss_sum / ntok)
     if label_smoothing:
         with torch.no_grad():
             loss_sum, _ = token_nll(logits, batch.tgt_out, pad_id)

@@ -8,7 +8,7 @@ step, so nothing leaks from one phase into another engine's update.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -52,11 +52,16 @@ def frozen(*engines: Any) -> Iterator[None]:
             e.module.train(mode)
 
 
+def _update(run: Run, name: str) -> Callable[[Any, torch.Tensor], bool]:
+    """The guarded backward-and-step of one named update (see :mod:`ami_dist.training.guard`)."""
+    return lambda engine, loss: run.guard.update(engine, loss, name)
+
+
 def mle_pretrain_step(run: Run, indices: list[int], meter: Meter) -> None:
     """Both networks take an MLE step on the same pairs."""
     for net in run.networks:
         loss, ntok = mle_step(net.engine, net.batch(indices, run.vocab), run.vocab.pad_id,
-                              run.cfg.train.label_smoothing)
+                              run.cfg.train.label_smoothing, _update(run, f"{net.name} MLE"))
         meter.add(f"{net.short}/mle_nll", float(loss), ntok)
 
 
@@ -109,8 +114,7 @@ def noise_step(run: Run, indices: list[int], meter: Meter) -> None:
         per_position = adv[:, :, None].expand(k, *enc.mask.shape)
         dmu = ops.lns_score_grad(mu.detach(), per_position, run.stream.seed, offset, mask=enc.mask)
         loss = loss + score_surrogate(mu, dmu, k, len(indices))
-    run.noise.backward(loss)
-    run.noise.step()
+    run.guard.update(run.noise, loss, "noise")
     with torch.no_grad():
         real = enc.mask.unsqueeze(0).expand_as(strength)
         meter.add("noise/strength", float(strength[real].sum()), float(real.sum()))
@@ -134,7 +138,7 @@ def forward_step(run: Run, indices: list[int], adversarial: bool, meter: Meter) 
     cfg, vocab, k = run.cfg, run.vocab, run.cfg.lns.k
     fw, bw = run.network("forward"), run.network("backward")
     batch = fw.batch(indices, vocab)
-    loss, ntok = mle_step(fw.engine, batch, vocab.pad_id, cfg.train.label_smoothing)
+    loss, ntok = mle_step(fw.engine, batch, vocab.pad_id, cfg.train.label_smoothing, _update(run, "forward MLE"))
     meter.add("fw/mle_nll", float(loss), ntok)
     if not adversarial:
         return
@@ -156,8 +160,7 @@ def forward_step(run: Run, indices: list[int], adversarial: bool, meter: Meter) 
     reward = _rewards(run, bw, made["synthetic"], indices)
     adv_loss = forward_adversarial_loss(nll, advantages(reward, cfg.ami.baseline))
     with gradient_clipping(fw.engine, cfg.ami.fw_adv_clip):
-        fw.engine.backward(adv_loss)
-        fw.engine.step()
+        run.guard.update(fw.engine, adv_loss, "forward adversarial")
     meter.add("fw/adv_loss", float(adv_loss.detach()))
     meter.add("fw/reward", float(reward.sum()), reward.numel())
 
@@ -167,7 +170,7 @@ def backward_step(run: Run, indices: list[int], adversarial: bool, meter: Meter)
     cfg, vocab, k = run.cfg, run.vocab, run.cfg.lns.k
     fw, bw = run.network("forward"), run.network("backward")
     real = bw.batch(indices, vocab)  # T -> S
-    loss, ntok = mle_step(bw.engine, real, vocab.pad_id, cfg.train.label_smoothing)
+    loss, ntok = mle_step(bw.engine, real, vocab.pad_id, cfg.train.label_smoothing, _update(run, "backward MLE"))
     meter.add("bw/mle_nll", float(loss), ntok)
     if not adversarial:
         return
@@ -190,8 +193,7 @@ def backward_step(run: Run, indices: list[int], adversarial: bool, meter: Meter)
     real_nll, syn_nll = nll[: len(indices)], nll[len(indices):].view(k, len(indices))
     adv_loss = backward_adversarial_loss(real_nll, syn_nll, weights)
     with gradient_clipping(bw.engine, cfg.ami.bw_adv_clip):
-        bw.engine.backward(adv_loss)
-        bw.engine.step()
+        run.guard.update(bw.engine, adv_loss, "backward adversarial")
     meter.add("bw/real_logq", float(-real_nll.detach().sum()), len(indices))
     meter.add("bw/synth_logq", float(-syn_nll.detach().sum()), syn_nll.numel())
     meter.add("bw/demote_weight", float(weights.sum()), weights.numel())
