@@ -11,6 +11,11 @@ run FAILED). A rank whose own code raised publishes its exception as the verdict
 Time bound, from the moment a rank dies until every other rank has exited: at most
 ``timeout_s + 4 * interval + MARK_TIMEOUT_S`` with ``interval = clamp(timeout_s / 10, 0.5, 5)``, that is
 at most ``timeout_s + 30`` seconds (:func:`exit_bound_s`).
+
+Launchers that end a whole job when one rank exits (DeepSpeed's local launcher, torchrun, srun) send every
+other rank SIGTERM and SIGKILL a while later (DeepSpeed: 30 s). :meth:`Watchdog.listen_for_termination` turns
+that SIGTERM into the same verdict, fast: heartbeats older than two intervals now count as a failure, so rank 0
+names the rank that died and marks the MLflow run before the SIGKILL, whatever its main thread is doing.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 
 EXIT_RANK_FAILED = 1
 MARK_TIMEOUT_S = 10.0  # how long rank 0 may spend telling MLflow before it exits anyway
+TERMINATE_GRACE_S = 15.0  # after SIGTERM, how long to look for the failed rank (DeepSpeed kills at 30 s)
 
 
 def heartbeat_interval(timeout_s: float) -> float:
@@ -61,6 +67,7 @@ class Watchdog:
         self.world_size = world_size
         self.timeout_s = timeout_s
         self.interval = heartbeat_interval(timeout_s)
+        self.stale_after = timeout_s  # heartbeat age that counts as a failure (shorter once SIGTERM came)
         self.store_address = store_address
         self.on_failure = on_failure  # called on rank 0 with the verdict before the process exits
         self.clock = clock
@@ -103,7 +110,7 @@ class Watchdog:
                 seen, since = self._counts[r]
                 if count != seen:
                     self._counts[r] = (count, now)
-                elif now - since > self.timeout_s:
+                elif now - since > self.stale_after:
                     return self._publish(f"rank {r} of {self.world_size} failed: no heartbeat for "
                                          f"{now - since:.0f} s (the process died or hung)")
         except Exception as e:  # the store's host is gone: its connection does not come back
@@ -153,6 +160,41 @@ class Watchdog:
                 return
             time.sleep(0.05)
 
+    # -- SIGTERM from the launcher -------------------------------------------------------------------
+
+    def listen_for_termination(self) -> None:
+        """From now on (main thread only), SIGTERM ends this rank through the watchdog: the failed rank is
+        looked for with a short staleness, then named, or, if none is found, this rank's SIGTERM is the verdict.
+
+        The C-level signal handler writes to a wake-up socket from whichever thread the signal lands on, so
+        this works while the main thread is blocked inside a collective.
+        """
+        import signal
+        import socket
+
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)  # the thread below does the work
+        signal.siginterrupt(signal.SIGTERM, False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        threading.Thread(target=self._await_sigterm, name="ami-sigterm", daemon=True).start()
+
+    def _await_sigterm(self) -> None:
+        import signal
+
+        while signal.SIGTERM not in self._wake_r.recv(64):
+            pass
+        self.stale_after = min(self.timeout_s, 2 * self.interval + 1.0)
+        deadline = self.clock() + TERMINATE_GRACE_S
+        while self.clock() < deadline and not self._stop.is_set():  # the heartbeat thread exits if it finds one
+            time.sleep(0.05)
+        try:
+            verdict = self._publish(f"rank {self.rank} of {self.world_size} was stopped by SIGTERM (from its "
+                                    "launcher or the scheduler) and found no failed rank")
+        except Exception:
+            verdict = f"rank {self.rank} of {self.world_size} was stopped by SIGTERM"
+        self._exit_with(verdict)
+
     # -- what the main thread calls ------------------------------------------------------------------
 
     def report(self, error: BaseException) -> None:
@@ -186,8 +228,9 @@ class Watchdog:
 
 
 def start_watchdog(rank: int, world_size: int, timeout_s: float,
-                   on_failure: Callable[[str], None] | None = None) -> Watchdog | None:
-    """A running watchdog for this rank of a multi-rank job (None for a single process)."""
+                   on_failure: Callable[[str], None] | None = None, catch_sigterm: bool = False) -> Watchdog | None:
+    """A running watchdog for this rank of a multi-rank job (None for a single process); with
+    ``catch_sigterm``, SIGTERM is its business too (not when SIGTERM is the preemption signal)."""
     if world_size < 2:
         return None
     import torch.distributed as dist
@@ -198,4 +241,7 @@ def start_watchdog(rank: int, world_size: int, timeout_s: float,
                            timeout=datetime.timedelta(seconds=max(5.0, 2 * interval)))
     # Keys of an earlier attempt under torchrun (whose store outlives the workers) must not count.
     store = dist.PrefixStore(f"ami-watchdog/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", client)
-    return Watchdog(store, rank, world_size, timeout_s, f"{host}:{port}", on_failure).start()
+    watchdog = Watchdog(store, rank, world_size, timeout_s, f"{host}:{port}", on_failure).start()
+    if catch_sigterm:
+        watchdog.listen_for_termination()
+    return watchdog
