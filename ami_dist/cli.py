@@ -15,7 +15,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from ami_dist.errors import UserError
+from ami_dist.errors import RunStopped, UserError
 
 EXIT_USER_ERROR = 2
 
@@ -69,6 +69,7 @@ def run_training(args: argparse.Namespace) -> int:
     from ami_dist.config import load_config
     from ami_dist.distributed import detect_launch, init_distributed, shutdown
     from ami_dist.distributed.preemption import EXIT_REQUEUE, Preemption
+    from ami_dist.distributed.safe_load import check_resumable
     from ami_dist.distributed.watchdog import start_watchdog
     from ami_dist.tracking import NullTracker, Tracker, absolute_uri, make_tracker, resolve_uri
     from ami_dist.training.build import build_run, make_run_dir, read_corpus, resolve_deepspeed
@@ -94,11 +95,14 @@ def run_training(args: argparse.Namespace) -> int:
     cfg.distributed.deepspeed_config = preset_path  # the saved config says which preset ran
     ds_configs = resolve_deepspeed(cfg, preset_path, detect_launch().world_size)
     tag = latest_tag(resume_dir) if resume_dir is not None and _has_checkpoint(resume_dir, continuing) else None
+    if tag is not None:  # a bad checkpoint fails here, before the ranks meet and the MLflow run is reopened
+        check_resumable(resume_dir, tag, cfg)
     train_pairs, valid_pairs = read_corpus(cfg)
     _quiet_libraries()
     comm = init_distributed(cfg.distributed.timeout_s, cfg.train.threads_per_rank)
     _quiet_libraries()
-    watchdog = start_watchdog(comm.rank, comm.world_size, cfg.distributed.failure_timeout_s)
+    watchdog = start_watchdog(comm.rank, comm.world_size, cfg.distributed.failure_timeout_s,
+                              catch_sigterm=cfg.distributed.preempt_signal != "SIGTERM")
     tracker: Tracker = NullTracker()
     code = 0
     try:
@@ -108,7 +112,7 @@ def run_training(args: argparse.Namespace) -> int:
         tracker = make_tracker(cfg.tracking.enabled, comm.is_main, cfg.tracking.uri, cfg.tracking.experiment,
                                cfg.run.name, {"task": cfg.run.task, "model_family": cfg.model.family,
                                               "launcher": comm.info.launcher, "run_dir": str(run_dir)},
-                               run_id=previous_run)
+                               run_id=previous_run, buffer_dir=run_dir)
         if watchdog is not None:  # rank 0 records another rank's failure before it exits
             watchdog.on_failure = lambda reason: _record_failure(tracker, reason)
         hosts = comm.gather(socket.gethostname())
@@ -200,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"ami-dist: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
+    except RunStopped as e:  # the run stopped itself for a reason it states; its checkpoint is saved
+        print(f"ami-dist: error: {e}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         print("ami-dist: interrupted", file=sys.stderr, flush=True)
         return 130

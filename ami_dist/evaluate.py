@@ -33,12 +33,14 @@ from ami_dist.training.metrics import distinct_n, mean_length
 def read_inputs(args: argparse.Namespace, exported: Exported) -> tuple[list[str], list[str] | None]:
     """Source sentences and, when given, references (a missing or misaligned file is a UserError)."""
     data = exported.source["data"]
+    max_chars = data.get("max_line_chars")  # absent from models exported before the key existed
     if args.dialogs:
-        pairs = dialog_pairs(read_personachat(args.dialogs), data["max_history_turns"], data["include_persona"])
+        pairs = dialog_pairs(read_personachat(args.dialogs, max_chars), data["max_history_turns"],
+                             data["include_persona"])
         sources, refs = [s for s, _ in pairs], [t for _, t in pairs]
     else:
-        sources = read_lines(args.src)
-        refs = read_lines(args.ref) if args.ref else None
+        sources = read_lines(args.src, max_chars=max_chars)
+        refs = read_lines(args.ref, max_chars=max_chars) if args.ref else None
         if refs is not None and len(refs) != len(sources):
             raise UserError(f"{args.src} has {len(sources)} lines but {args.ref} has {len(refs)}: source and "
                             "reference files must be aligned line by line")

@@ -3,12 +3,15 @@
 ``python -m ami_dist.export RUN_DIR [--tag step900] [--out model.pt]`` gathers the forward and backward
 networks from their DeepSpeed (ZeRO 1/2/3) shards into whole fp32 tensors and writes them with the model
 config, the vocabulary and where they came from. The file holds only tensors, numbers, strings and
-bytes, so ``torch.load(path, weights_only=True)`` reads it and a malicious file cannot run code.
+bytes, so ``torch.load(path, weights_only=True)`` reads it and a malicious file cannot run code. The
+checkpoint shards are read with ``weights_only=True`` too, the consolidated weights are checked against
+the run's model config before anything is written, and the output file is replaced atomically: a bad
+checkpoint is one ``ami-dist: error:`` line (exit code 2) and leaves an earlier export untouched.
 """
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +40,6 @@ class Exported:
 
 def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None) -> Path:
     """Write the consolidated fp32 networks of checkpoint ``tag`` (default: the newest) to ``out``."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     from ami_dist.tracking import absolute_uri, resolve_uri
     from ami_dist.training.checkpoint import latest_tag
 
@@ -47,18 +48,25 @@ def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None) -> 
         raise UserError(f"{run_dir}: not a run directory (no config.yaml in it)")
     cfg: Config = load_config(run_dir / "config.yaml")
     tag = tag or latest_tag(run_dir)
+    vocab_file = run_dir / VOCAB_FILES[cfg.vocab.kind]
+    if not vocab_file.is_file():
+        raise UserError(f"{vocab_file}: vocabulary file missing from the run directory")
+    vocab_bytes = vocab_file.read_bytes()
+    vocab = vocab_from_bytes(cfg.vocab.kind, vocab_bytes)
     networks = {}
     for name in NETWORKS:
         checkpoint = run_dir / "checkpoints" / name
         if not (checkpoint / tag).is_dir():
             raise UserError(f"{checkpoint / tag}: checkpoint not found")
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tag)
+        state = _consolidate(checkpoint, tag)
         networks[name] = {key: value.detach().float().contiguous().clone() for key, value in state.items()}
+        _check_fits(networks[name], build_model(cfg.model, len(vocab), vocab.pad_id), checkpoint / tag,
+                    run_dir / "config.yaml")
     run_id_file, uri_file = run_dir / "mlflow_run_id", run_dir / "mlflow_tracking_uri"
     payload = {
         "format": FORMAT,
         "model": to_dict(cfg.model),
-        "vocab": {"kind": cfg.vocab.kind, "data": (run_dir / VOCAB_FILES[cfg.vocab.kind]).read_bytes()},
+        "vocab": {"kind": cfg.vocab.kind, "data": vocab_bytes},
         "networks": networks,
         "source": {
             "run_dir": str(run_dir.resolve()),
@@ -74,8 +82,46 @@ def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None) -> 
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, out)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, out)  # an earlier export at ``out`` stays whole until the new one is
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
+
+
+def _consolidate(checkpoint: Path, tag: str) -> dict[str, torch.Tensor]:
+    """DeepSpeed's fp32 consolidation of one network's shards, every file read with ``weights_only=True``."""
+    from deepspeed.utils import zero_to_fp32
+
+    from ami_dist.distributed.safe_load import weights_only_loads
+
+    try:
+        with weights_only_loads(zero_to_fp32):
+            return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tag)
+    except UserError:
+        raise
+    except Exception as e:  # missing shards, a file of the wrong kind, shards that do not add up
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{checkpoint / tag}: not a consolidatable DeepSpeed ZeRO checkpoint "
+                        f"({type(e).__name__}: {first})") from None
+
+
+def _check_fits(state: dict[str, torch.Tensor], model: torch.nn.Module, checkpoint: Path, config: Path) -> None:
+    """The weights must be exactly those of the network the run's config describes."""
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    for key, shape in expected.items():
+        if key not in state:
+            raise UserError(f"{checkpoint}: no weights for {key}: the checkpoint is of another model than the one "
+                            f"{config} describes (model.*, vocab.*)")
+        if tuple(state[key].shape) != shape:
+            raise UserError(f"{checkpoint}: {key} has shape {tuple(state[key].shape)} but the model {config} "
+                            f"describes (model.*, vocab.*) needs {shape}: a checkpoint of another model shape")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise UserError(f"{checkpoint}: unexpected weights {extra[0]} (and {len(extra) - 1} more): the checkpoint "
+                        f"is of another model than the one {config} describes (model.*, vocab.*)")
 
 
 def load_exported(path: str | Path) -> Exported:
@@ -84,9 +130,12 @@ def load_exported(path: str | Path) -> Exported:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{path}: model file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, expected a model file") from None
     except Exception as e:  # a truncated file, a foreign pickle, code that would have to run to load it
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a loadable ami-dist model file ({reason})") from None
+        from ami_dist.distributed.safe_load import load_failure_reason
+
+        raise UserError(f"{path}: not a loadable ami-dist model file ({load_failure_reason(e)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path}: not an ami-dist model file (expected format {FORMAT!r}; export one with "
                         "python -m ami_dist.export RUN_DIR)")
@@ -105,14 +154,14 @@ def load_exported(path: str | Path) -> Exported:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ami_dist.cli import EXIT_USER_ERROR
+    from ami_dist.cli import EXIT_USER_ERROR, _Parser
 
-    parser = argparse.ArgumentParser(prog="python -m ami_dist.export", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="python -m ami_dist.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a training run directory (runs/<name>-<time>)")
     parser.add_argument("--tag", help="checkpoint tag, e.g. step900 (default: the newest)")
     parser.add_argument("--out", help="output file (default: RUN_DIR/model.pt)")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)  # a mistake here is one line too (_Parser raises UserError)
         out = export_run(args.run_dir, args.out or Path(args.run_dir) / "model.pt", args.tag)
     except UserError as e:
         print(f"ami-dist: error: {e}", file=sys.stderr)

@@ -56,3 +56,11 @@ def subprocess_env() -> dict[str, str]:
 @pytest.fixture
 def tiny(tmp_path: Path) -> dict:
     return tiny_config(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 4-step run and its export (tests/finished_run.py); copy it before changing anything."""
+    from tests.finished_run import build_finished_run
+
+    return build_finished_run(tmp_path_factory.mktemp("finished"))

@@ -13,9 +13,14 @@ from ami_dist.typed_config import Located
 
 def _record_places(node: yaml.Node, path: str, source: str, places: dict[str, str]) -> None:
     if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
         for key_node, value_node in node.value:
             key = f"{path}.{key_node.value}" if path else str(key_node.value)
-            places[key] = f"{source}:{key_node.start_mark.line + 1}"
+            line = key_node.start_mark.line + 1
+            if key in seen:  # YAML loaders keep the last one silently; one of the two is a mistake
+                raise ConfigError(f"{source}:{line}: {key}: duplicate key (also set at line {seen[key]})")
+            seen[key] = line
+            places[key] = f"{source}:{line}"
             _record_places(value_node, key, source, places)
 
 
@@ -37,11 +42,17 @@ def load_yaml(path: str | Path) -> tuple[dict[str, Any], Located]:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and context_mark is not None and (mark is None or context_mark.line != mark.line):
+            problem += f" ({context} that starts at line {context_mark.line + 1})"
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping of config keys at the top level")
+        where = f"{source}:{node.start_mark.line + 1}" if node is not None else source
+        found = {list: "a list", str: "a string"}.get(type(data), f"the value {data!r}")
+        raise ConfigError(f"{where}: expected a mapping of config keys (section: ...) at the top level, "
+                          f"found {found}")
     places: dict[str, str] = {}
     if node is not None:
         _record_places(node, "", source, places)

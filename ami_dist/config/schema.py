@@ -16,6 +16,17 @@ Fail = Callable[[str, str], Exception]
 
 @dataclass
 class DataConfig:
+    """Corpora and how they are read.
+
+    Every line of a data file must be valid UTF-8 and hold a sentence (parallel text; an empty line is an
+    error) or a dialog line (PersonaChat; blank lines between dialogs are ignored); a line that breaks this
+    is an error naming the file and line, never silently skipped.
+    Sentence length is limited twice: a line longer than ``max_line_chars`` characters is an error (in
+    every split: such a line is a paragraph or a whole document, or the wrong file), while a training pair
+    longer than ``max_src_len`` / ``max_tgt_len`` tokens is dropped from training and counted (the MLflow
+    param ``train_pairs_dropped_too_long``); validation pairs are never dropped or truncated.
+    """
+
     format: Literal["parallel", "personachat"] = spec(
         "parallel", "parallel: aligned source/target files; personachat: ParlAI fbdialog text"
     )
@@ -27,8 +38,15 @@ class DataConfig:
     valid_file: str | None = spec(None, "personachat: validation dialogs")
     max_history_turns: int = spec(3, "personachat: source = at most this many last turns of history", gt=0)
     include_persona: bool = spec(False, "personachat: prepend the speaker's persona lines to the source")
-    max_src_len: int = spec(100, "training pairs whose source has more tokens are skipped", gt=0)
-    max_tgt_len: int = spec(100, "training pairs whose target has more tokens are skipped", gt=0)
+    max_src_len: int = spec(
+        100, "training pairs whose source has more tokens are dropped and counted (validation pairs are kept)", gt=0
+    )
+    max_tgt_len: int = spec(
+        100, "training pairs whose target has more tokens are dropped and counted (validation pairs are kept)", gt=0
+    )
+    max_line_chars: int = spec(
+        10000, "a data line longer than this many characters is an error naming file and line (any split)", gt=0
+    )
     lowercase: bool = spec(False, "lower-case all text (both sides) when it is read")
     valid_limit: int = spec(0, "evaluate on the first N validation pairs only (0 = all)", ge=0)
 
@@ -91,6 +109,10 @@ class TrainConfig:
     log_every: int = spec(50, "log training metrics every N steps", gt=0)
     valid_every: int = spec(0, "evaluate every N steps (0 = only at the end)", ge=0)
     save_every: int = spec(0, "checkpoint every N steps (0 = only at the end)", ge=0)
+    max_bad_steps: int = spec(
+        10, "a step whose loss or gradient is not finite is skipped on every rank; stop the run (with a "
+        "checkpoint) after this many such steps in a row", gt=0,
+    )
     keep_checkpoints: int = spec(3, "keep the newest N complete checkpoints, delete older ones (0 = keep all)", ge=0)
     bucket_batches: int = spec(100, "length bucketing: sort pools of this many batches by length", gt=0)
     threads_per_rank: int = spec(0, "intra-op threads per rank (0 = CPU cores / local ranks)", ge=0)
@@ -188,6 +210,15 @@ class AMIConfig:
 
 
 @dataclass
+class FaultConfig:
+    """Fault injection for the reliability tests; leave empty in real runs."""
+
+    nan_loss_steps: list[int] = spec([], "make the loss NaN at these global steps (1-based) on fault.rank")
+    nan_grad_steps: list[int] = spec([], "make the gradients NaN (loss finite) at these steps on fault.rank")
+    rank: int = spec(0, "the rank that injects the faults", ge=0)
+
+
+@dataclass
 class Config:
     schema_version: int = spec(SCHEMA_VERSION, "version of this config schema", ge=1, le=SCHEMA_VERSION)
     run: RunConfig = spec(RunConfig(), "run identity and output location")
@@ -205,6 +236,7 @@ class Config:
     ami: AMIConfig = spec(AMIConfig(), "the alternating noise / forward / backward schedule")
     tracking: TrackingConfig = spec(TrackingConfig(), "MLflow")
     distributed: DistributedConfig = spec(DistributedConfig(), "DeepSpeed and torch.distributed")
+    fault: FaultConfig = spec(FaultConfig(), "fault injection, for tests only")
 
     def validate(self, fail: Fail) -> None:
         if not self.ami.enabled and self.train.mle_steps == 0:

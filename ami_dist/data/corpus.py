@@ -29,9 +29,9 @@ class Split:
 def read_split(cfg: DataConfig, split: str) -> list[tuple[str, str]]:
     """Raw (source, target) pairs of ``split`` ("train" or "valid"); bad files raise DataError."""
     if cfg.format == "parallel":
-        pairs = read_parallel(getattr(cfg, f"{split}_src"), getattr(cfg, f"{split}_tgt"))
+        pairs = read_parallel(getattr(cfg, f"{split}_src"), getattr(cfg, f"{split}_tgt"), cfg.max_line_chars)
     else:
-        episodes = read_personachat(getattr(cfg, f"{split}_file"))
+        episodes = read_personachat(getattr(cfg, f"{split}_file"), cfg.max_line_chars)
         pairs = dialog_pairs(episodes, cfg.max_history_turns, cfg.include_persona)
     if cfg.lowercase:
         pairs = [(s.lower(), t.lower()) for s, t in pairs]
@@ -42,7 +42,8 @@ def read_split(cfg: DataConfig, split: str) -> list[tuple[str, str]]:
 
 def encode_split(pairs: list[tuple[str, str]], vocab: Vocab, max_src_len: int | None = None,
                  max_tgt_len: int | None = None) -> tuple[Split, int]:
-    """Encode pairs; with length limits, over-long pairs are dropped. Returns the split and the drop count."""
+    """Encode pairs; with length limits (in tokens), over-long pairs are dropped. Returns the split and the
+    number of pairs dropped (logged as the MLflow param ``train_pairs_dropped_too_long``)."""
     src_ids = vocab.encode_batch([s for s, _ in pairs])
     tgt_ids = vocab.encode_batch([t for _, t in pairs])
     keep = [

@@ -36,11 +36,14 @@ class Episode:
     first_line: int = 0
 
 
-def read_personachat(path: str | Path) -> list[Episode]:
-    """Parse a fbdialog file; a line that does not fit the format is a DataError naming file and line."""
+def read_personachat(path: str | Path, max_chars: int | None = None) -> list[Episode]:
+    """Parse a fbdialog file; a line that does not fit the format is a DataError naming file and line.
+
+    Blank lines are skipped (they carry nothing in fbdialog text); a line longer than ``max_chars`` is an error.
+    """
     episodes: list[Episode] = []
     expected = 1
-    for number, line in enumerate(read_lines(path, allow_empty_lines=True), start=1):
+    for number, line in enumerate(read_lines(path, allow_empty_lines=True, max_chars=max_chars), start=1):
         if not line.strip():
             continue
         head, _, text = line.partition(" ")

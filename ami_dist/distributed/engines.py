@@ -36,8 +36,10 @@ def load_preset(path: str | Path) -> dict[str, Any]:
     if not isinstance(preset, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     stage = preset.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{path}: zero_optimization.stage: expected 0, 1, 2 or 3, got {stage!r}")
+    if stage not in (1, 2, 3):
+        # ZeRO's optimizers skip a non-finite update on every rank alike (see training/guard.py); stage 0's
+        # plain optimizer would apply it. Stage 1 costs nothing over plain data parallelism.
+        raise ConfigError(f"{path}: zero_optimization.stage: expected 1, 2 or 3, got {stage!r}")
     for key in ("optimizer", "scheduler"):
         if key in preset:
             raise ConfigError(f"{path}: {key}: set the optimizer and its schedule in the run config's optim "
