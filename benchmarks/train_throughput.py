@@ -6,8 +6,14 @@ training data, after warm-up steps:
   torch       plain PyTorch: forward, backward, clip, optimizer step (the reference)
   deepspeed   our MLE step (ami_dist.training.mle.mle_step) on a DeepSpeed engine, 1 rank
   deepspeed2  the same on 2 ranks (torchrun, gloo), ZeRO from the preset; tokens summed over ranks
+  ami         the forward phase of AMI on 1 rank: the same batches once with MLE steps only and once with
+              the adversarial update added (K noisy decodes as one K·B batch, the backward network's
+              rewards, REINFORCE); prints the cost of the adversarial update in MLE steps
 
-Usage: python benchmarks/train_throughput.py [--config configs/dialog_lstm.yaml] [--steps 20]
+With --peer onmt, OpenNMT-py trains the same model on the same pairs in the same run
+(benchmarks/peers/onmt.py, from its own virtualenv) and every row gets its ratio to the peer.
+
+Usage: python benchmarks/train_throughput.py [--config configs/dialog_lstm.yaml] [--steps 20] [--peer onmt]
 Defaults: the paper's dialog LSTM (2 layers, 500 hidden, batch 64) on the bundled PersonaChat sample.
 """
 
@@ -25,8 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _batches(cfg, world: int, rank: int, count: int):
-    from ami_dist.data.batching import ShardedBucketSampler, make_batch
+def batch_indices(cfg, world: int, rank: int, count: int):
+    """The vocabulary, the encoded training split and the first ``count`` batches (index lists) of a rank."""
+    from ami_dist.data.batching import ShardedBucketSampler
     from ami_dist.data.corpus import encode_split, read_split
     from ami_dist.data.vocab import train_vocab
     from ami_dist.distributed.engines import micro_batch_size
@@ -38,12 +45,15 @@ def _batches(cfg, world: int, rank: int, count: int):
     sampler = ShardedBucketSampler([len(s) for s in split.src_ids], [len(t) for t in split.tgt_ids], micro,
                                    rank=rank, world=world, seed=cfg.run.seed)
     it = iter(sampler)
-    batches = []
-    for _ in range(count):
-        idx = next(it)
-        batches.append(make_batch([split.src_ids[i] for i in idx], [split.tgt_ids[i] for i in idx],
-                                  vocab.pad_id, vocab.bos_id, vocab.eos_id))
-    return vocab, batches
+    return vocab, split, [next(it) for _ in range(count)]
+
+
+def _batches(cfg, world: int, rank: int, count: int):
+    from ami_dist.data.batching import make_batch
+
+    vocab, split, indices = batch_indices(cfg, world, rank, count)
+    return vocab, [make_batch([split.src_ids[i] for i in idx], [split.tgt_ids[i] for i in idx], vocab.pad_id,
+                              vocab.bos_id, vocab.eos_id) for idx in indices]
 
 
 def worker(variant: str, config: str, preset: str, steps: int, warmup: int, out: str) -> None:
@@ -70,8 +80,9 @@ def worker(variant: str, config: str, preset: str, steps: int, warmup: int, out:
     optimizer, scheduler = build_optimizer(list(model.parameters()), cfg.optim, cfg.model.hidden_size)
     if variant == "torch":
         def step(batch) -> int:
-            logits = model(batch.src, batch.src_lengths, batch.tgt_in)
-            loss, ntok = token_nll(logits, batch.tgt_out, vocab.pad_id, cfg.train.label_smoothing)
+            real = batch.tgt_out != vocab.pad_id
+            logits = model(batch.src, batch.src_lengths, batch.tgt_in, positions=real)
+            loss, ntok = token_nll(logits, batch.tgt_out[real], vocab.pad_id, cfg.train.label_smoothing)
             (loss / ntok).backward()
             if cfg.optim.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
@@ -109,12 +120,54 @@ def worker(variant: str, config: str, preset: str, steps: int, warmup: int, out:
                                          "world": world, "steps": steps}))
 
 
+def ami_worker(config: str, preset: str, steps: int, warmup: int, out: str) -> None:
+    """Seconds for ``steps`` forward-phase batches without and with the adversarial update."""
+    import tempfile
+
+    import torch
+
+    from ami_dist.config import load_config
+    from ami_dist.distributed import init_distributed
+    from ami_dist.tracking import NullTracker
+    from ami_dist.training.build import build_run, make_run_dir, read_corpus, resolve_deepspeed
+    from ami_dist.training.meter import Meter
+    from ami_dist.training.phases import METRICS, forward_step
+
+    cfg = load_config(config, ["ami.enabled=true"])
+    comm = init_distributed(cfg.distributed.timeout_s, cfg.train.threads_per_rank)
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg.run.output_dir = tmp
+        run_dir = make_run_dir(cfg, comm)
+        run = build_run(cfg, comm, run_dir, NullTracker(), resolve_deepspeed(cfg, preset, comm.world_size), preset,
+                        *read_corpus(cfg))
+        batches = iter(run.sampler)
+        indices = [next(batches) for _ in range(warmup + steps)]
+        tgt = run.network("forward").train.tgt_ids
+        tokens = sum(len(tgt[i]) + 1 for batch in indices[warmup:] for i in batch)
+        meter = Meter(METRICS)
+        seconds = {}
+        for adversarial in (False, True):
+            for batch in indices[:warmup]:
+                forward_step(run, batch, adversarial, meter)
+            started = time.perf_counter()
+            for batch in indices[warmup:]:
+                forward_step(run, batch, adversarial, meter)
+            seconds[adversarial] = time.perf_counter() - started
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(out).write_text(json.dumps({"tgt_tokens": float(tokens), "mle_seconds": seconds[False],
+                                     "both_seconds": seconds[True], "peak_rss_mb": rss_mb, "k": cfg.lns.k,
+                                     "threads": torch.get_num_threads(), "steps": steps}))
+
+
 def run_variant(variant: str, args: argparse.Namespace, out: Path) -> dict:
     env = {**os.environ, "BENCH_THREADS": str(args.threads)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     me = [str(Path(__file__).resolve()), "--worker", variant, "--config", args.config, "--preset", args.preset,
           "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", str(out)]
+    if variant == "ami":
+        me[me.index("--worker") + 1] = "ami"
     if variant == "deepspeed2":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29655", *me]
     else:
@@ -130,10 +183,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="threads of the 1-rank variants")
-    parser.add_argument("--variants", default="torch,deepspeed,deepspeed2")
+    parser.add_argument("--variants", default="torch,deepspeed,deepspeed2,ami")
+    parser.add_argument("--peer", choices=["onmt"], help="also run OpenNMT-py (benchmarks/peers/onmt.py)")
+    parser.add_argument("--onmt_venv", default=os.environ.get("ONMT_VENV", "/tmp/onmt-venv"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker == "ami":
+        ami_worker(args.config, args.preset, args.steps, args.warmup, args.out)
+        return
     if args.worker:
         worker(args.worker, args.config, args.preset, args.steps, args.warmup, args.out)
         return
@@ -144,15 +202,38 @@ def main() -> None:
         for variant in args.variants.split(","):
             print(f"running {variant} ...", flush=True)
             results[variant] = run_variant(variant, args, Path(tmp) / f"{variant}.json")
-    ref = results.get("torch")
+    if args.peer == "onmt":
+        from peers.onmt import run_peer
+
+        from ami_dist.config import load_config
+
+        print("running OpenNMT-py ...", flush=True)
+        cfg = load_config(args.config)
+        _, split, indices = batch_indices(cfg, 1, 0, args.warmup + args.steps)  # the 1-rank variants' batches
+        pairs = [split.pairs[i] for batch in indices for i in batch]
+        results["onmt"] = run_peer(Path(args.onmt_venv), cfg, pairs, split.pairs, args.steps, args.warmup,
+                                   args.threads)
+    ami = results.pop("ami", None)
+    if ami is not None:  # its MLE-only pass is a row like the others
+        results["ami_fw_mle"] = {**ami, "seconds": ami["mle_seconds"], "src_tokens": float("nan"), "world": 1}
+    ref, peer = results.get("torch"), results.get("onmt")
+
+    def rate(r: dict) -> float:
+        return r["tgt_tokens"] / r["seconds"]
+
     print(f"\nMLE step throughput, config {args.config}, {args.steps} timed steps after {args.warmup} warm-up")
-    print(f"{'variant':12s} {'ranks':>5s} {'thr/rank':>8s} {'tgt tok/s':>10s} {'src tok/s':>10s} {'ms/step':>8s} "
-          f"{'peak RSS MB':>11s} {'vs torch':>8s}")
+    print(f"{'variant':12s} {'ranks':>5s} {'thr/rank':>8s} {'tgt tok/s':>10s} {'ms/step':>8s} {'peak RSS MB':>11s} "
+          f"{'vs torch':>8s} {'vs onmt':>8s}")
     for name, r in results.items():
-        tps = r["tgt_tokens"] / r["seconds"]
-        ratio = f"{tps / (ref['tgt_tokens'] / ref['seconds']):.2f}x" if ref else "-"
-        print(f"{name:12s} {r['world']:5d} {r['threads']:8d} {tps:10.0f} {r['src_tokens'] / r['seconds']:10.0f} "
-              f"{1000 * r['seconds'] / r['steps']:8.1f} {r['peak_rss_mb']:11.0f} {ratio:>8s}")
+        vs_ref = f"{rate(r) / rate(ref):.2f}x" if ref else "-"
+        vs_peer = f"{rate(r) / rate(peer):.2f}x" if peer else "-"
+        print(f"{name:12s} {r['world']:5d} {r['threads']:8d} {rate(r):10.0f} {1000 * r['seconds'] / r['steps']:8.1f} "
+              f"{r['peak_rss_mb']:11.0f} {vs_ref:>8s} {vs_peer:>8s}")
+    if ami is not None:
+        adv = ami["both_seconds"] - ami["mle_seconds"]
+        print(f"\nAMI forward phase, 1 rank: MLE step {1000 * ami['mle_seconds'] / ami['steps']:.0f} ms, MLE + "
+              f"adversarial update {1000 * ami['both_seconds'] / ami['steps']:.0f} ms; the adversarial update (K = "
+              f"{ami['k']}) costs {adv / ami['mle_seconds']:.2f}x an MLE step (target: <= K + 2 = {ami['k'] + 2})")
 
 
 if __name__ == "__main__":

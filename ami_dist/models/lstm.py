@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ami_dist.models.config import ModelConfig
@@ -97,13 +98,22 @@ class LSTMDecoder(nn.Module):
             return attn_out, state, attn_out[:, -1]
         if feed is None:
             feed = emb.new_zeros(emb.size(0), self.hidden_size)
+        # Token by token, through the LSTM's own weights one layer cell at a time: on CPU a length-1 call
+        # of the fused multi-layer LSTM costs several times more, mostly in its backward pass.
+        weights = self.rnn._flat_weights
+        layers = self.rnn.num_layers
+        between = self.rnn.dropout if self.training else 0.0
+        h, c = list(state[0].unbind(0)), list(state[1].unbind(0))
         outputs = []
         for t in range(emb.size(1)):
-            step_in = torch.cat([emb[:, t], feed], dim=-1).unsqueeze(1)
-            out, state = self.rnn(step_in, state)
-            feed = self.dropout(self.attn(out, memory, keys, memory_mask)).squeeze(1)
+            x = torch.cat([emb[:, t], feed], dim=-1)
+            for layer in range(layers):
+                w_ih, w_hh, b_ih, b_hh = weights[4 * layer : 4 * layer + 4]
+                h[layer], c[layer] = torch.lstm_cell(x, (h[layer], c[layer]), w_ih, w_hh, b_ih, b_hh)
+                x = h[layer] if layer == layers - 1 else F.dropout(h[layer], between, self.training)
+            feed = self.dropout(self.attn(x.unsqueeze(1), memory, keys, memory_mask)).squeeze(1)
             outputs.append(feed)
-        return torch.stack(outputs, dim=1), state, feed
+        return torch.stack(outputs, dim=1), (torch.stack(h), torch.stack(c)), feed
 
 
 @dataclass

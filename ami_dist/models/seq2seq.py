@@ -77,8 +77,12 @@ class Seq2Seq(nn.Module):
 
     def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor | None = None, *,
                 perturb: Callable[[Seq2Seq, EncoderOutput], EncoderOutput] | None = None,
-                targets: Callable[[Seq2Seq, EncoderOutput], torch.Tensor] | None = None) -> torch.Tensor:
+                targets: Callable[[Seq2Seq, EncoderOutput], torch.Tensor] | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced logits (N, T, vocab) of the next token at every target position.
+
+        With ``positions`` (a boolean (N, T) mask, e.g. the non-pad targets), only those positions go
+        through the generator: logits (P, vocab) in row-major order, and no work on padding.
 
         Hooks let a caller change what is decoded inside one forward call (so a DeepSpeed engine sees a
         single forward, and dropout masks are shared): ``perturb`` replaces the encoder output (e.g. by
@@ -93,7 +97,7 @@ class Seq2Seq(nn.Module):
         if tgt_in is None:
             raise ValueError("forward needs tgt_in or a targets hook")
         out, _ = self.decode(tgt_in, enc)
-        return self.generator(out)
+        return self.generator(out if positions is None else out[positions])
 
 
 def source_mask(src: torch.Tensor, src_lengths: torch.Tensor) -> torch.Tensor:

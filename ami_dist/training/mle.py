@@ -24,10 +24,12 @@ def mle_step(engine: Any, batch: Batch, pad_id: int, label_smoothing: float = 0.
 
     Returns the summed NLL (without label smoothing, detached) and the number of target tokens.
     """
-    logits = engine(batch.src, batch.src_lengths, batch.tgt_in)
-    loss_sum, ntok = token_nll(logits, batch.tgt_out, pad_id, label_smoothing)
+    real = batch.tgt_out != pad_id  # the generator and the loss see real target tokens only
+    target = batch.tgt_out[real]
+    logits = engine(batch.src, batch.src_lengths, batch.tgt_in, positions=real)
+    loss_sum, ntok = token_nll(logits, target, pad_id, label_smoothing)
     update(engine, loss_sum / ntok)
     if label_smoothing:
         with torch.no_grad():
-            loss_sum, _ = token_nll(logits, batch.tgt_out, pad_id)
+            loss_sum, _ = token_nll(logits, target, pad_id)
     return loss_sum.detach(), int(ntok)

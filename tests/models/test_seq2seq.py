@@ -173,3 +173,44 @@ def test_noisy_memory_banks_decode_as_one_batch_of_k_times_b(variant: str) -> No
         clean, _ = lns_sample(enc.memory.contiguous(), mu, k, 0.0, seed=5, offset=0, mask=enc.mask)
         quiet = model.generator(model.decode(tgt.repeat(k, 1), model.perturbed(enc, clean))[0])
         torch.testing.assert_close(quiet, model(src, lengths, tgt).repeat(k, 1, 1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_at_chosen_positions_are_those_of_the_full_output(variant: str) -> None:
+    model = _model(**VARIANTS[variant])
+    src, lengths = _src()
+    tgt = torch.tensor([[BOS, 11, 12, 13], [BOS, 14, PAD, PAD]])
+    real = tgt != PAD
+    with torch.no_grad():
+        full = model(src, lengths, tgt)
+        chosen = model(src, lengths, tgt, positions=real)
+    assert chosen.shape == (int(real.sum()), V)
+    torch.testing.assert_close(chosen, full[real])
+
+
+def test_input_feeding_cells_compute_what_the_fused_lstm_computes() -> None:
+    """The input-feeding loop runs the decoder LSTM's weights one cell at a time (faster on CPU): outputs,
+    final state and gradients equal stepping the fused nn.LSTM itself, dropout between layers included."""
+    model = _model(input_feed=True, dropout=0.3).train()
+    decoder = model.decoder
+    src, lengths = _src()
+    enc = model.encode(src, lengths)
+    emb = torch.randn(2, 5, 12, requires_grad=True)
+
+    def fused() -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        feed, state, outs = emb.new_zeros(2, 16), enc.state, []
+        for t in range(emb.size(1)):
+            out, state = decoder.rnn(torch.cat([emb[:, t], feed], dim=-1).unsqueeze(1), state)
+            feed = decoder.dropout(decoder.attn(out, enc.memory, enc.keys, enc.mask)).squeeze(1)
+            outs.append(feed)
+        return torch.stack(outs, dim=1), state
+
+    torch.manual_seed(3)
+    cells, (h, c), _ = decoder(emb, enc.memory, enc.keys, enc.mask, enc.state)
+    torch.manual_seed(3)  # the same dropout masks, drawn in the same order
+    reference, (h_ref, c_ref) = fused()
+    torch.testing.assert_close(cells, reference)
+    torch.testing.assert_close((h, c), (h_ref, c_ref))
+    weights = [emb, decoder.rnn.weight_ih_l0, decoder.rnn.weight_hh_l1, decoder.rnn.bias_ih_l1]
+    torch.testing.assert_close(torch.autograd.grad(cells.square().sum(), weights),
+                               torch.autograd.grad(reference.square().sum(), weights))
