@@ -287,6 +287,7 @@ class MlflowTracker:
             use_short_http_timeouts()
         self.client = MlflowClient(tracking_uri=uri)
         self._finished = False
+        self._earlier_params: dict[str, str] = {}  # of the run a resumed run continues
         try:
             if self.buffer is not None and self.buffer.is_file():  # left by an earlier attempt of this run
                 try:  # first: it may end with that attempt's final status
@@ -320,7 +321,7 @@ class MlflowTracker:
 
     def log_params(self, params: dict[str, Any]) -> None:
         values = {k: str(v)[:_PARAM_VALUE_MAX] for k, v in params.items()}
-        earlier = getattr(self, "_earlier_params", {})
+        earlier = self._earlier_params
         # MLflow params cannot change; a value overridden on resume is recorded as a tag instead.
         changed = {f"resumed_with/{k}": f"{earlier[k]} -> {v}" for k, v in values.items()
                    if k in earlier and earlier[k] != v}

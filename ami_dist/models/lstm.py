@@ -100,17 +100,15 @@ class LSTMDecoder(nn.Module):
             feed = emb.new_zeros(emb.size(0), self.hidden_size)
         # Token by token, through the LSTM's own weights one layer cell at a time: on CPU a length-1 call
         # of the fused multi-layer LSTM costs several times more, mostly in its backward pass.
-        weights = self.rnn._flat_weights
-        layers = self.rnn.num_layers
-        between = self.rnn.dropout if self.training else 0.0
+        weights = self.rnn.all_weights  # per layer: w_ih, w_hh, b_ih, b_hh
+        last = len(weights) - 1
         h, c = list(state[0].unbind(0)), list(state[1].unbind(0))
         outputs = []
         for t in range(emb.size(1)):
             x = torch.cat([emb[:, t], feed], dim=-1)
-            for layer in range(layers):
-                w_ih, w_hh, b_ih, b_hh = weights[4 * layer : 4 * layer + 4]
+            for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
                 h[layer], c[layer] = torch.lstm_cell(x, (h[layer], c[layer]), w_ih, w_hh, b_ih, b_hh)
-                x = h[layer] if layer == layers - 1 else F.dropout(h[layer], between, self.training)
+                x = h[layer] if layer == last else F.dropout(h[layer], self.rnn.dropout, self.training)
             feed = self.dropout(self.attn(x.unsqueeze(1), memory, keys, memory_mask)).squeeze(1)
             outputs.append(feed)
         return torch.stack(outputs, dim=1), (torch.stack(h), torch.stack(c)), feed

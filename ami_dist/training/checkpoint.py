@@ -42,15 +42,12 @@ def checkpoint_root(run_dir: Path) -> Path:
 def _fsync_tree(path: Path) -> None:
     for root, _, files in os.walk(path):
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(path)
+            _fsync(Path(root, name))
+    _fsync(path)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file's, or a directory's entries', writes to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -65,7 +62,7 @@ def _write_atomically(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    _fsync(path.parent)
 
 
 def _tag_dirs(run: Run, tag: str) -> list[Path]:
@@ -113,7 +110,7 @@ def _commit(run: Run, tag: str) -> None:
         if final.exists():  # a complete-looking leftover that ``latest`` never pointed at
             shutil.rmtree(final)
         os.replace(partial, final)
-        _fsync_dir(final.parent)
+        _fsync(final.parent)
         if final.parent.name != "ranks":  # DeepSpeed's own pointer, for its tools (zero_to_fp32.py)
             _write_atomically(final.parent / "latest", tag)
     _write_atomically(root / "latest", tag)  # the commit point

@@ -8,7 +8,7 @@ step, so nothing leaks from one phase into another engine's update.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,7 +20,7 @@ from ami_dist.models.seq2seq import EncoderOutput, Seq2Seq
 from ami_dist.training.context import Network, Run
 from ami_dist.training.losses import sentence_nll
 from ami_dist.training.meter import Meter
-from ami_dist.training.mle import mle_step
+from ami_dist.training.mle import Update, mle_step
 from ami_dist.training.objectives import (
     advantages,
     backward_adversarial_loss,
@@ -52,7 +52,7 @@ def frozen(*engines: Any) -> Iterator[None]:
             e.module.train(mode)
 
 
-def _update(run: Run, name: str) -> Callable[[Any, torch.Tensor], bool]:
+def _update(run: Run, name: str) -> Update:
     """The guarded backward-and-step of one named update (see :mod:`ami_dist.training.guard`)."""
     return lambda engine, loss: run.guard.update(engine, loss, name)
 
