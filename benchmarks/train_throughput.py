@@ -13,6 +13,9 @@ training data, after warm-up steps:
 With --peer onmt, OpenNMT-py trains the same model on the same pairs in the same run
 (benchmarks/peers/onmt.py, from its own virtualenv) and every row gets its ratio to the peer.
 
+Then, against the DeepSpeed step: the time a step spends assembling its batch and, amortised, on the
+MLflow log call made every train.log_every steps (and tokenisation, done once before training).
+
 Usage: python benchmarks/train_throughput.py [--config configs/dialog_lstm.yaml] [--steps 20] [--peer onmt]
 Defaults: the paper's dialog LSTM (2 layers, 500 hidden, batch 64) on the bundled PersonaChat sample.
 """
@@ -160,6 +163,44 @@ def ami_worker(config: str, preset: str, steps: int, warmup: int, out: str) -> N
                                      "threads": torch.get_num_threads(), "steps": steps}))
 
 
+def critical_path(cfg, batches: int = 200, calls: int = 20) -> dict:
+    """What a training step does besides computing: assemble its batch (sampler indices -> padded tensors),
+    and, every train.log_every steps, one MLflow log call (rank 0, the embedded sqlite store). Tokenisation
+    happens once, before the first step (timed here too)."""
+    import tempfile
+
+    from ami_dist.data.batching import ShardedBucketSampler, make_batch
+    from ami_dist.data.corpus import encode_split, read_split
+    from ami_dist.data.vocab import train_vocab
+    from ami_dist.tracking import MlflowTracker
+
+    pairs = read_split(cfg.data, "train")
+    vocab = train_vocab(cfg.vocab.kind, [s for s, _ in pairs] + [t for _, t in pairs], cfg.vocab.size)
+    started = time.perf_counter()
+    split, _ = encode_split(pairs, vocab, cfg.data.max_src_len, cfg.data.max_tgt_len)
+    encode_s = time.perf_counter() - started
+    sampler = iter(ShardedBucketSampler([len(s) for s in split.src_ids], [len(t) for t in split.tgt_ids],
+                                        cfg.train.batch_size, rank=0, world=1, seed=cfg.run.seed))
+    started = time.perf_counter()
+    for _ in range(batches):
+        idx = next(sampler)
+        make_batch([split.src_ids[i] for i in idx], [split.tgt_ids[i] for i in idx], vocab.pad_id, vocab.bos_id,
+                   vocab.eos_id)
+    batch_ms = 1000 * (time.perf_counter() - started) / batches
+    metrics = {f"{net}/{name}": 1.0 for net in ("fw", "bw") for name in ("mle_nll", "lr", "adv_reward", "reward_std")}
+    metrics |= {"train/tgt_tokens_per_s": 1.0, "train/skipped_updates": 0.0, "schedule/phase": 0.0}
+    with tempfile.TemporaryDirectory() as tmp:
+        tracker = MlflowTracker(f"sqlite:///{tmp}/mlflow.db", "bench", "bench")
+        tracker.log_metrics(metrics, 0)  # the first call creates tables and caches
+        started = time.perf_counter()
+        for step in range(1, calls + 1):
+            tracker.log_metrics(metrics, step * cfg.train.log_every)
+        log_ms = 1000 * (time.perf_counter() - started) / calls
+        tracker.finish()
+    return {"encode_s": encode_s, "pairs": len(pairs), "batch_ms": batch_ms, "log_ms": log_ms,
+            "log_every": cfg.train.log_every, "metrics": len(metrics)}
+
+
 def run_variant(variant: str, args: argparse.Namespace, out: Path) -> dict:
     env = {**os.environ, "BENCH_THREADS": str(args.threads)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -185,6 +226,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="threads of the 1-rank variants")
     parser.add_argument("--variants", default="torch,deepspeed,deepspeed2,ami")
     parser.add_argument("--peer", choices=["onmt"], help="also run OpenNMT-py (benchmarks/peers/onmt.py)")
+    parser.add_argument("--no-critical-path", dest="critical_path", action="store_false",
+                        help="skip timing batch assembly and MLflow logging against the step")
     parser.add_argument("--onmt_venv", default=os.environ.get("ONMT_VENV", "/tmp/onmt-venv"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -229,6 +272,17 @@ def main() -> None:
         vs_peer = f"{rate(r) / rate(peer):.2f}x" if peer else "-"
         print(f"{name:12s} {r['world']:5d} {r['threads']:8d} {rate(r):10.0f} {1000 * r['seconds'] / r['steps']:8.1f} "
               f"{r['peak_rss_mb']:11.0f} {vs_ref:>8s} {vs_peer:>8s}")
+    if args.critical_path:
+        from ami_dist.config import load_config
+
+        path = critical_path(load_config(args.config))
+        step_ms = 1000 * (results.get("deepspeed") or next(iter(results.values())))["seconds"] / args.steps
+        per_step_log = path["log_ms"] / path["log_every"]
+        print(f"\nBesides the step ({step_ms:.0f} ms, DeepSpeed 1 rank): batch assembly {path['batch_ms']:.2f} ms per "
+              f"step ({100 * path['batch_ms'] / step_ms:.2f}%); one MLflow log call of {path['metrics']} metrics "
+              f"{path['log_ms']:.1f} ms every {path['log_every']} steps = {per_step_log:.2f} ms per step "
+              f"({100 * per_step_log / step_ms:.3f}%); tokenising {path['pairs']} training pairs "
+              f"{path['encode_s']:.2f} s once, before the first step")
     if ami is not None:
         adv = ami["both_seconds"] - ami["mle_seconds"]
         print(f"\nAMI forward phase, 1 rank: MLE step {1000 * ami['mle_seconds'] / ami['steps']:.0f} ms, MLE + "

@@ -88,6 +88,22 @@ class Comm:
         return out
 
 
+def import_deepspeed() -> Any:
+    """DeepSpeed, without the MLflow import its autotuner makes when MLflow is installed (about 120 MB of
+    resident memory in every rank; only rank 0 tracks, and it imports MLflow itself)."""
+    if "deepspeed" in sys.modules:
+        return sys.modules["deepspeed"]
+    block = "mlflow" not in sys.modules
+    if block:
+        sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError
+    try:
+        import deepspeed
+    finally:
+        if block and sys.modules.get("mlflow", 0) is None:
+            del sys.modules["mlflow"]
+    return deepspeed
+
+
 def init_distributed(timeout_s: int = 600, threads: int = 0) -> Comm:
     """Join the process group of whatever launched us (gloo on CPU, nccl on GPU) and set thread counts."""
     info = detect_launch()
@@ -97,7 +113,7 @@ def init_distributed(timeout_s: int = 600, threads: int = 0) -> Comm:
     # DeepSpeed JIT-builds ops (on CPU, its shared-memory collective); keep them with this environment,
     # where `make setup` built them, rather than in a per-user cache shared with other environments.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
-    import deepspeed  # heavy import; only the training path pays for it
+    deepspeed = import_deepspeed()  # heavy import; only the training path pays for it
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":

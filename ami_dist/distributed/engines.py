@@ -86,9 +86,10 @@ def resolve_ds_config(preset: dict[str, Any], preset_path: str | Path, train: Tr
 
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, ds_config: dict[str, Any]) -> Any:
     """Wrap one network in its own DeepSpeed engine (own optimizer, scheduler and ZeRO partitioning)."""
-    import deepspeed
-
+    from ami_dist.distributed.comm import import_deepspeed
     from ami_dist.distributed.safe_load import use_safe_loading
+
+    deepspeed = import_deepspeed()
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ami_dist.models.config import ModelConfig
+from ami_dist.models.dropout import Dropout
 from ami_dist.models.seq2seq import EncoderOutput, Seq2Seq, source_mask
 
 KV = tuple[torch.Tensor, torch.Tensor]  # keys and values, each (B, heads, length, head_dim)
@@ -54,7 +55,7 @@ class MultiHeadAttention(nn.Module):
 
 class FeedForward(nn.Sequential):
     def __init__(self, dim: int, inner: int, dropout: float) -> None:
-        super().__init__(nn.Linear(dim, inner), nn.ReLU(), nn.Dropout(dropout), nn.Linear(inner, dim))
+        super().__init__(nn.Linear(dim, inner), nn.ReLU(), Dropout(dropout), nn.Linear(inner, dim))
 
 
 class EncoderLayer(nn.Module):
@@ -65,7 +66,7 @@ class EncoderLayer(nn.Module):
         self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_size, cfg.dropout)
         self.norm1 = nn.LayerNorm(cfg.hidden_size)
         self.norm2 = nn.LayerNorm(cfg.hidden_size)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.pre_norm:
@@ -84,7 +85,7 @@ class DecoderLayer(nn.Module):
         self.cross_attn = MultiHeadAttention(cfg.hidden_size, cfg.heads, cfg.dropout)
         self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_size, cfg.dropout)
         self.norms = nn.ModuleList(nn.LayerNorm(cfg.hidden_size) for _ in range(3))
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cache: KV | None, causal: torch.Tensor, cross: KV,
                 memory_mask: torch.Tensor) -> tuple[torch.Tensor, KV]:
@@ -125,7 +126,7 @@ class TransformerSeq2Seq(Seq2Seq):
         self.src_emb = nn.Embedding(vocab_size, cfg.hidden_size, padding_idx=pad_id)
         self.tgt_emb = self.src_emb if cfg.share_embeddings else nn.Embedding(vocab_size, cfg.hidden_size,
                                                                               padding_idx=pad_id)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.enc_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
         self.dec_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
         # Pre-norm stacks end with a normalisation of their own (their residual stream is never normalised).

@@ -35,3 +35,16 @@ def test_torchrun_inside_slurm_keeps_torchrun_s_ranks() -> None:
     env = dict(SLURM_TASK, RANK="3", WORLD_SIZE="16", LOCAL_RANK="3")
     info = detect_launch(env)
     assert (info.launcher, info.rank, info.world_size) == ("deepspeed/torchrun", 3, 16)
+
+
+def test_deepspeed_is_imported_without_mlflow_and_mlflow_still_imports_after() -> None:
+    """DeepSpeed's autotuner imports MLflow (≈120 MB per rank) when it can; ranks that do not track skip it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from ami_dist.distributed.comm import import_deepspeed; import_deepspeed(); "
+            "assert 'deepspeed' in sys.modules; assert 'mlflow' not in sys.modules, 'mlflow imported'; "
+            "import mlflow; print('ok', mlflow.__version__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines()[-1].startswith("ok ")

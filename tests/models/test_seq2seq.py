@@ -188,29 +188,139 @@ def test_logits_at_chosen_positions_are_those_of_the_full_output(variant: str) -
     torch.testing.assert_close(chosen, full[real])
 
 
-def test_input_feeding_cells_compute_what_the_fused_lstm_computes() -> None:
-    """The input-feeding loop runs the decoder LSTM's weights one cell at a time (faster on CPU): outputs,
-    final state and gradients equal stepping the fused nn.LSTM itself, dropout between layers included."""
-    model = _model(input_feed=True, dropout=0.3).train()
+def _fused_reference(decoder, emb, enc, between, after):
+    """The input-feeding decoder stepped through oneDNN's fused LSTM, one single-layer call per layer and
+    token, with the given dropout masks (between layers (layers − 1, T, B, H), after attention (T, B, H))."""
+    first = torch.nn.LSTM(decoder.rnn.input_size, decoder.hidden_size, batch_first=True)
+    later = torch.nn.LSTM(decoder.hidden_size, decoder.hidden_size, batch_first=True)
+    names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+    h, c = (list(x.unbind(0)) for x in enc.state)
+    feed, outs = emb.new_zeros(emb.size(0), decoder.hidden_size), []
+    for t in range(emb.size(1)):
+        x = torch.cat([emb[:, t], feed], dim=-1)
+        for layer, params in enumerate(decoder.rnn.all_weights):
+            if layer:
+                x = x * between[layer - 1, t]
+            named = dict(zip(names, params, strict=True))
+            out, (h_l, c_l) = torch.func.functional_call(later if layer else first, named,
+                                                         (x.unsqueeze(1), (h[layer][None], c[layer][None])))
+            h[layer], c[layer], x = h_l[0], c_l[0], out[:, 0]
+        feed = decoder.attn(x.unsqueeze(1), enc.memory, enc.keys, enc.mask).squeeze(1) * after[t]
+        outs.append(feed)
+    return torch.stack(outs, dim=1), (torch.stack(h), torch.stack(c))
+
+
+def _input_feeding_setup(monkeypatch: pytest.MonkeyPatch, batch: int, steps: int):
+    model = _model(input_feed=True, dropout=0.3, enc_layers=3, dec_layers=3).train()
     decoder = model.decoder
-    src, lengths = _src()
-    enc = model.encode(src, lengths)
-    emb = torch.randn(2, 5, 12, requires_grad=True)
+    src = torch.randint(4, V, (batch, 4))
+    enc = model.encode(src, torch.full((batch,), 4))
+    emb = torch.randn(batch, steps, 12, requires_grad=True)
+    keep = torch.Generator().manual_seed(7)
+    between = torch.bernoulli(torch.full((2, steps, batch, 16), 0.7), generator=keep) / 0.7
+    after = torch.bernoulli(torch.full((steps, batch, 16), 0.7), generator=keep) / 0.7
+    drawn = {}
 
-    def fused() -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        feed, state, outs = emb.new_zeros(2, 16), enc.state, []
-        for t in range(emb.size(1)):
-            out, state = decoder.rnn(torch.cat([emb[:, t], feed], dim=-1).unsqueeze(1), state)
-            feed = decoder.dropout(decoder.attn(out, enc.memory, enc.keys, enc.mask)).squeeze(1)
-            outs.append(feed)
-        return torch.stack(outs, dim=1), state
+    def masks(steps_: int, batch_: int, like: torch.Tensor):  # rows in the order the decoder runs them
+        order = drawn["order"]
+        return between[:, :steps_, order], after[:steps_, order]
 
-    torch.manual_seed(3)
+    monkeypatch.setattr(decoder, "_dropout_masks", masks)
+    drawn["order"] = torch.arange(batch)
+    return model, decoder, enc, emb, between, after, drawn
+
+
+def test_input_feeding_cells_compute_what_the_fused_lstm_computes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The input-feeding loop runs the decoder LSTM's weights one cell at a time with weight gradients
+    summed over steps (faster on CPU): outputs, final state and every gradient equal stepping the fused
+    nn.LSTM, dropout between layers and after attention included."""
+    model, decoder, enc, emb, between, after, _ = _input_feeding_setup(monkeypatch, 3, 5)
     cells, (h, c), _ = decoder(emb, enc.memory, enc.keys, enc.mask, enc.state)
-    torch.manual_seed(3)  # the same dropout masks, drawn in the same order
-    reference, (h_ref, c_ref) = fused()
+    reference, (h_ref, c_ref) = _fused_reference(decoder, emb, enc, between, after)
     torch.testing.assert_close(cells, reference)
     torch.testing.assert_close((h, c), (h_ref, c_ref))
-    weights = [emb, decoder.rnn.weight_ih_l0, decoder.rnn.weight_hh_l1, decoder.rnn.bias_ih_l1]
-    torch.testing.assert_close(torch.autograd.grad(cells.square().sum(), weights),
-                               torch.autograd.grad(reference.square().sum(), weights))
+    wrt = [emb, *decoder.parameters(), *model.encoder.parameters()]
+    torch.manual_seed(0)
+    weights = torch.randn_like(cells)
+    loss, loss_ref = ((out * weights).sum() + hh.square().sum() + cc.sum()
+                      for out, hh, cc in ((cells, h, c), (reference, h_ref, c_ref)))
+    got = torch.autograd.grad(loss, wrt, retain_graph=True)
+    for g, w in zip(got, torch.autograd.grad(loss_ref, wrt), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_input_feeding_skips_padding_after_each_rows_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With row lengths, positions after a row's end are not computed (zeros), the returned state is the
+    state after its last real token, and the real positions and all gradients equal the full computation."""
+    model, decoder, enc, emb, between, after, drawn = _input_feeding_setup(monkeypatch, 4, 6)
+    lengths = torch.tensor([3, 6, 1, 4])
+    drawn["order"] = torch.argsort(lengths, descending=True, stable=True)
+    out, (h, c), feed = decoder(emb, enc.memory, enc.keys, enc.mask, enc.state, lengths=lengths)
+    drawn["order"] = torch.arange(4)
+    full, _ = _fused_reference(decoder, emb, enc, between, after)
+    real = torch.arange(6)[None] < lengths[:, None]
+    torch.testing.assert_close(out[real], full[real])
+    assert out[~real].abs().sum() == 0
+    for row, n in enumerate(lengths.tolist()):
+        one = type(enc)(enc.memory[row:row + 1], enc.mask[row:row + 1], enc.keys[row:row + 1],
+                        tuple(x[:, row:row + 1] for x in enc.state))
+        steps = [between[:, :n, row:row + 1], after[:n, row:row + 1]]
+        alone, (h_alone, c_alone) = _fused_reference(decoder, emb[row:row + 1, :n], one, *steps)
+        torch.testing.assert_close((h[:, row], c[:, row], feed[row]), (h_alone[:, 0], c_alone[:, 0], alone[0, -1]))
+    wrt = [emb, *decoder.parameters(), *model.encoder.parameters()]
+    torch.manual_seed(0)
+    weights = torch.randn_like(out)
+    got = torch.autograd.grad((out[real] * weights[real]).sum(), wrt, retain_graph=True)
+    want = torch.autograd.grad((full[real] * weights[real]).sum(), wrt)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_input_feeding_dropout_masks_are_inverted_dropout() -> None:
+    decoder = _model(input_feed=True, dropout=0.3, enc_layers=3, dec_layers=3).decoder.train()
+    between, after = decoder._dropout_masks(50, 40, torch.empty(0))
+    assert between.shape == (2, 50, 40, 16) and after.shape == (50, 40, 16)
+    for mask in (between, after):
+        assert mask.unique().tolist() == pytest.approx([0.0, 1 / 0.7])
+        assert abs(float((mask > 0).float().mean()) - 0.7) < 0.02
+    assert not torch.equal(between[0], between[1])
+    assert decoder.eval()._dropout_masks(50, 40, torch.empty(0)) == (None, None)
+
+
+def test_input_feeding_gradients_when_later_steps_are_unused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loss on the first steps only: the steps after them never run backward, and the gradients still
+    equal the fused reference's (the embedding projection's rows of unused steps get zero gradient)."""
+    _, decoder, enc, emb, between, after, _ = _input_feeding_setup(monkeypatch, 3, 5)
+    cells, _, _ = decoder(emb, enc.memory, enc.keys, enc.mask, enc.state)
+    reference, _ = _fused_reference(decoder, emb, enc, between, after)
+    wrt = [emb, *decoder.parameters()]
+    got = torch.autograd.grad(cells[:, :2].sum(), wrt, retain_graph=True)
+    for g, w in zip(got, torch.autograd.grad(reference[:, :2].sum(), wrt), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert emb.grad is None and got[0][:, 2:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_encoder_equals_the_packed_lstm(bidirectional: bool) -> None:
+    """The encoder runs one fused call per distinct length instead of the packed-sequence LSTM: memory
+    bank (zeros past each row's end), final state per layer (directions side by side) and gradients equal
+    the packed nn.LSTM's."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    encoder = _model(bidirectional=bidirectional, enc_layers=3, dec_layers=3).encoder
+    emb = torch.randn(5, 7, 12, requires_grad=True)
+    lengths = torch.tensor([3, 7, 1, 7, 5])
+    memory, (h, c) = encoder(emb, lengths)
+    packed, (h_ref, c_ref) = encoder.rnn(pack_padded_sequence(emb, lengths, batch_first=True, enforce_sorted=False))
+    memory_ref, _ = pad_packed_sequence(packed, batch_first=True, total_length=7)
+    if bidirectional:  # (layers * 2, B, H/2) -> (layers, B, H)
+        h_ref, c_ref = (x.view(3, 2, 5, 8).permute(0, 2, 1, 3).reshape(3, 5, 16) for x in (h_ref, c_ref))
+    torch.testing.assert_close(memory, memory_ref)
+    torch.testing.assert_close((h, c), (h_ref, c_ref))
+    torch.manual_seed(0)
+    weights = torch.randn_like(memory)
+    wrt = [emb, *encoder.parameters()]
+    got = torch.autograd.grad((memory * weights).sum() + h.sum() + c.square().sum(), wrt)
+    want = torch.autograd.grad((memory_ref * weights).sum() + h_ref.sum() + c_ref.square().sum(), wrt)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
