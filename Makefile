@@ -5,8 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.ami-dist-installed
-# JIT-built ops (DeepSpeed's shared-memory collective) live inside the venv, not in ~/.cache, so that
-# a clone never waits on another clone's build lock or loads a build made against another torch.
+# Any op DeepSpeed JIT-builds lives inside the venv, not in ~/.cache, so that a clone never waits on
+# another clone's build lock or loads a build made against another torch. (ami-dist builds none: the
+# shared-memory collective DeepSpeed would build on CPU serves only its inference path; see
+# ami_dist/distributed/comm.py.)
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 CSRC := $(wildcard csrc/*)
 
@@ -20,10 +22,6 @@ $(STAMP): requirements.txt constraints.txt setup.py $(CSRC)
 	$(PIP) install --quiet -r requirements.txt -c constraints.txt
 	$(PIP) install --quiet --no-build-isolation deepspeed==0.19.8 -c constraints.txt
 	$(PIP) install --quiet --no-build-isolation --no-deps -e .
-	@# DeepSpeed JIT-compiles its shared-memory collective op on first use (about a minute);
-	@# do it once here rather than inside the first training run or test. A build that hangs fails
-	@# here after ten minutes rather than stalling every run after it.
-	timeout 600 $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -88,20 +88,32 @@ class Comm:
         return out
 
 
+def _no_shm_op() -> None:
+    return None
+
+
 def import_deepspeed() -> Any:
-    """DeepSpeed, without the MLflow import its autotuner makes when MLflow is installed (about 120 MB of
-    resident memory in every rank; only rank 0 tracks, and it imports MLflow itself)."""
-    if "deepspeed" in sys.modules:
-        return sys.modules["deepspeed"]
-    block = "mlflow" not in sys.modules
-    if block:
-        sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError
-    try:
-        import deepspeed
-    finally:
-        if block and sys.modules.get("mlflow", 0) is None:
-            del sys.modules["mlflow"]
-    return deepspeed
+    """DeepSpeed, with two things it does on CPU that ami-dist does not use left out.
+
+    - Its autotuner imports MLflow when installed: about 120 MB of resident memory in every rank (only
+      rank 0 tracks, and it imports MLflow itself).
+    - Its communication backend JIT-builds and loads a shared-memory all-reduce op for its inference
+      path (training collectives go through torch.distributed), and every rank of a local launch then
+      leaves a 69 MB segment in /dev/shm that nothing removes.
+    """
+    if "deepspeed" not in sys.modules:
+        block = "mlflow" not in sys.modules
+        if block:
+            sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError
+        try:
+            import deepspeed
+        finally:
+            if block and sys.modules.get("mlflow", 0) is None:
+                del sys.modules["mlflow"]
+    import deepspeed.comm.torch  # noqa: F401  (the attribute deepspeed.comm.torch is PyTorch itself)
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = _no_shm_op
+    return sys.modules["deepspeed"]
 
 
 def init_distributed(timeout_s: int = 600, threads: int = 0) -> Comm:
@@ -110,8 +122,8 @@ def init_distributed(timeout_s: int = 600, threads: int = 0) -> Comm:
     torch.set_num_threads(threads_per_rank(threads, info.local_world_size))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than have DeepSpeed warn it guessed
-    # DeepSpeed JIT-builds ops (on CPU, its shared-memory collective); keep them with this environment,
-    # where `make setup` built them, rather than in a per-user cache shared with other environments.
+    # Should DeepSpeed JIT-build an op, keep it with this environment rather than in a per-user cache
+    # shared with other environments (a stale lock there once stalled a whole CI run).
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     deepspeed = import_deepspeed()  # heavy import; only the training path pays for it
 

@@ -12,9 +12,10 @@ The peer runs from its own virtualenv (never a dependency of this project), with
 $ONMT_VENV at it. The training pairs are our pipeline's (the config's reader, tokenisation and history
 truncation) in the exact batches our 1-rank variants train on, in the same order (a bucket of one batch
 keeps OpenNMT-py from re-batching them), with one shared word vocabulary as ours; the model is
-the config's LSTM (layers, sizes, general attention, input feeding, dropout), SGD with the config's LR and
-clipping, batches of train.batch_size sentences. Throughput comes from OpenNMT-py's own report lines over
-the timed steps (after warm-up), peak RSS from the process's rusage.
+the config's LSTM (layers, sizes, general attention, input feeding, dropout) with SGD, or its Transformer
+(layers, width, heads, FFN, dropout, sinusoidal positions) with Adam and the Noam schedule, with the config's
+LR, clipping and label smoothing, batches of train.batch_size sentences. Throughput comes from OpenNMT-py's
+own report lines over the timed steps (after warm-up), peak RSS from the process's rusage.
 
 Used by ``benchmarks/train_throughput.py --peer onmt [--onmt_venv DIR]``.
 """
@@ -43,31 +44,40 @@ def write_corpus(pairs: list[tuple[str, str]], out: Path, name: str) -> None:
 
 def onmt_config(cfg, data: Path, corpus: str, steps: int, report_every: int) -> dict:
     m, o = cfg.model, cfg.optim
-    return {
+    conf = {
         "save_data": str(data / "onmt"),
         "src_vocab": str(data / "vocab.src"), "tgt_vocab": str(data / "vocab.tgt"), "share_vocab": True,
         "src_vocab_size": cfg.vocab.size, "tgt_vocab_size": cfg.vocab.size, "overwrite": True,
         "data": {"corpus_1": {"path_src": str(data / f"{corpus}.src"), "path_tgt": str(data / f"{corpus}.tgt")}},
-        "model_type": "text", "encoder_type": "rnn", "decoder_type": "rnn", "rnn_type": "LSTM",
-        "enc_layers": m.enc_layers, "dec_layers": m.dec_layers, "hidden_size": m.hidden_size,
-        "word_vec_size": m.emb_dim, "brnn": m.bidirectional, "global_attention": m.attention,
-        "input_feed": int(m.input_feed), "dropout": [m.dropout], "attention_dropout": [0.0],
+        "model_type": "text", "enc_layers": m.enc_layers, "dec_layers": m.dec_layers, "hidden_size": m.hidden_size,
+        "word_vec_size": m.emb_dim, "dropout": [m.dropout],
         "optim": o.name, "learning_rate": o.lr, "max_grad_norm": o.max_grad_norm,
         "batch_size": cfg.train.batch_size, "batch_type": "sents", "valid_batch_size": cfg.train.batch_size,
         # a bucket of exactly one batch: OpenNMT-py then trains on our batches, in our order
         "bucket_size": cfg.train.batch_size, "prefetch_factor": 1,
         "train_steps": steps, "report_every": report_every, "valid_steps": 10**9,
         "save_checkpoint_steps": 10**9, "save_model": str(data / "model"), "seed": cfg.run.seed,
-        "num_workers": 0, "world_size": 1, "gpu_ranks": [], "param_init": 0.1, "label_smoothing": 0.0,
+        "num_workers": 0, "world_size": 1, "gpu_ranks": [], "label_smoothing": cfg.train.label_smoothing,
     }
+    if m.family == "lstm":
+        conf |= {"encoder_type": "rnn", "decoder_type": "rnn", "rnn_type": "LSTM", "brnn": m.bidirectional,
+                 "global_attention": m.attention, "input_feed": int(m.input_feed), "attention_dropout": [0.0],
+                 "param_init": 0.1}
+    else:  # the Transformer: sinusoidal positions, Glorot initialisation, Adam with the Noam schedule
+        conf |= {"encoder_type": "transformer", "decoder_type": "transformer", "heads": m.heads,
+                 "transformer_ff": m.ffn_size, "position_encoding": True, "attention_dropout": [m.dropout],
+                 "param_init": 0.0, "param_init_glorot": True, "adam_beta1": o.adam_beta1,
+                 "adam_beta2": o.adam_beta2, "decay_method": "noam" if o.schedule == "noam" else "none",
+                 "warmup_steps": o.warmup_steps}
+    return conf
 
 
 def run_peer(venv: Path, cfg, pairs: list[tuple[str, str]], vocab_pairs: list[tuple[str, str]], steps: int,
              warmup: int, threads: int) -> dict:
     """OpenNMT-py trained on ``pairs`` (warmup + steps batches of train.batch_size, in order), with the
     word vocabulary of ``vocab_pairs`` (our whole training split, as our vocabulary is)."""
-    if cfg.vocab.kind != "words" or cfg.model.family != "lstm":
-        raise SystemExit("the OpenNMT-py peer is set up for the word-level LSTM recipes")
+    if cfg.vocab.kind != "words":
+        raise SystemExit("the OpenNMT-py peer is set up for the word-level recipes (vocab.kind: words)")
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
         write_corpus(pairs, data, "batches")

@@ -48,3 +48,26 @@ def test_deepspeed_is_imported_without_mlflow_and_mlflow_still_imports_after() -
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines()[-1].startswith("ok ")
+
+
+def test_no_shared_memory_segment_is_left_behind(tmp_path) -> None:
+    """DeepSpeed's CPU backend would build a shared-memory all-reduce op (its inference path) and leave a
+    69 MB /dev/shm segment per rank of a local launch; ami-dist's ranks create none."""
+    import os
+    import subprocess
+    import sys
+
+    from ami_dist.distributed.env import _free_port
+
+    port = str(_free_port())
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    code = ("from ami_dist.distributed.comm import init_distributed; import torch.distributed as dist; "
+            "init_distributed(60); dist.barrier(); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines()[-1] == "ok"
+    left = [name for name in os.listdir("/dev/shm") if name.startswith("deepspeed_allreduce_buffer")
+            and f"_{port}_" in name]
+    assert left == [], left
+    assert not (tmp_path / "ext").exists()  # nothing was JIT-built either
