@@ -16,7 +16,7 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 def _extensions() -> list:
     """The LNS op (csrc/, DESIGN.md §3) as ``ami_dist._C``: CPU always, CUDA when requested."""
     here = os.path.dirname(os.path.abspath(__file__))
-    cpu_sources = ["csrc/lns_cpu.cpp", "csrc/module.cpp"]
+    cpu_sources = ["csrc/lns_cpu.cpp", "csrc/dropout_cpu.cpp", "csrc/module.cpp"]
     # at::parallel_for is an OpenMP pragma in a header, so the extension itself must be built
     # with OpenMP or it runs single-threaded; -fno-math-errno lets sqrt vectorise.
     cxx_flags = ["-O3", "-fno-math-errno"]

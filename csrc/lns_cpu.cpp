@@ -315,6 +315,9 @@ int64_t row_count(const at::Tensor& mu) { return c10::multiply_integers(mu.sizes
 
 }  // namespace
 
+// For the other CPU kernels of the extension (dropout_cpu.cpp): the same switch as the LNS kernels.
+bool avx2_in_use() { return cpu_has_avx2(); }
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lns_sample_cpu(const at::Tensor& h, const at::Tensor& mu,
                                                               int64_t k, double lam, int64_t seed,
                                                               int64_t offset,

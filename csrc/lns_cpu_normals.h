@@ -65,11 +65,8 @@ LNS_INLINE void box_muller_tile(const TileWords& w, int64_t groups, float* buf) 
   }
 }
 
-// Normals of draws j0 .. j0+n-1 (n <= kTile), written from buf + (j0 & 3); returns that pointer.
-inline const float* fill_normals_base(uint64_t j0, int64_t n, Key key, float* buf) {
-  const uint64_t q0 = j0 >> 2;
-  const int64_t groups = (static_cast<int64_t>(j0 & 3u) + n + 3) >> 2;
-  TileWords w;
+// The Philox words of counters q0 .. q0+groups-1 (groups <= kTileGroups - 16), portable version.
+inline void philox_words_base(uint64_t q0, int64_t groups, Key key, TileWords& w) {
   for (int64_t g = 0; g < groups; ++g) {
     const uint64_t q = q0 + static_cast<uint64_t>(g);
     const Words4 x = philox4x32_10(static_cast<uint32_t>(q), static_cast<uint32_t>(q >> 32), 0u, 0u,
@@ -79,6 +76,13 @@ inline const float* fill_normals_base(uint64_t j0, int64_t n, Key key, float* bu
     w.w2[g] = x.x2;
     w.w3[g] = x.x3;
   }
+}
+
+// Normals of draws j0 .. j0+n-1 (n <= kTile), written from buf + (j0 & 3); returns that pointer.
+inline const float* fill_normals_base(uint64_t j0, int64_t n, Key key, float* buf) {
+  const int64_t groups = (static_cast<int64_t>(j0 & 3u) + n + 3) >> 2;
+  TileWords w;
+  philox_words_base(j0 >> 2, groups, key, w);
   box_muller_tile(w, groups, buf);
   return buf + (j0 & 3u);
 }
@@ -94,10 +98,8 @@ LNS_TARGET_AVX2 LNS_INLINE void mulhilo8(__m256i c, __m256i m, __m256i& hi, __m2
   hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
 }
 
-inline LNS_TARGET_AVX2 const float* fill_normals_avx2(uint64_t j0, int64_t n, Key key, float* buf) {
-  const uint64_t q0 = j0 >> 2;
-  const int64_t groups = (static_cast<int64_t>(j0 & 3u) + n + 3) >> 2;
-  TileWords w;
+// The Philox words of counters q0 .. q0+groups-1, sixteen counters at a time.
+inline LNS_TARGET_AVX2 void philox_words_avx2(uint64_t q0, int64_t groups, Key key, TileWords& w) {
   __m256i round_k0[10], round_k1[10];
   uint32_t k0 = key.k0, k1 = key.k1;
   for (int r = 0; r < 10; ++r) {
@@ -143,6 +145,12 @@ inline LNS_TARGET_AVX2 const float* fill_normals_avx2(uint64_t j0, int64_t n, Ke
       _mm256_store_si256(reinterpret_cast<__m256i*>(w.w3 + g + 8 * b), c3[b]);
     }
   }
+}
+
+inline LNS_TARGET_AVX2 const float* fill_normals_avx2(uint64_t j0, int64_t n, Key key, float* buf) {
+  const int64_t groups = (static_cast<int64_t>(j0 & 3u) + n + 3) >> 2;
+  TileWords w;
+  philox_words_avx2(j0 >> 2, groups, key, w);
   box_muller_tile(w, groups, buf);
   return buf + (j0 & 3u);
 }
