@@ -34,29 +34,45 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def batch_indices(cfg, world: int, rank: int, count: int):
-    """The vocabulary, the encoded training split and the first ``count`` batches (index lists) of a rank."""
-    from ami_dist.data.batching import ShardedBucketSampler
-    from ami_dist.data.corpus import encode_split, read_split
+def _vocab_and_pairs(cfg):
+    """The training pairs as the config reads them and the vocabulary built from them."""
+    from ami_dist.data.corpus import read_split
     from ami_dist.data.vocab import train_vocab
-    from ami_dist.distributed.engines import micro_batch_size
 
     pairs = read_split(cfg.data, "train")
-    vocab = train_vocab(cfg.vocab.kind, [s for s, _ in pairs] + [t for _, t in pairs], cfg.vocab.size)
-    split, _ = encode_split(pairs, vocab, cfg.data.max_src_len, cfg.data.max_tgt_len)
+    return train_vocab(cfg.vocab.kind, [s for s, _ in pairs] + [t for _, t in pairs], cfg.vocab.size), pairs
+
+
+def _sampler(cfg, split, world: int, rank: int):
+    """A rank's batches (index lists) of the encoded split, as training draws them."""
+    from ami_dist.data.batching import ShardedBucketSampler
+    from ami_dist.distributed.engines import micro_batch_size
+
     micro = micro_batch_size(cfg.train.batch_size, world, cfg.train.grad_accum)
-    sampler = ShardedBucketSampler([len(s) for s in split.src_ids], [len(t) for t in split.tgt_ids], micro,
-                                   rank=rank, world=world, seed=cfg.run.seed)
-    it = iter(sampler)
+    return iter(ShardedBucketSampler([len(s) for s in split.src_ids], [len(t) for t in split.tgt_ids], micro,
+                                     rank=rank, world=world, seed=cfg.run.seed))
+
+
+def _make_batch(split, vocab, indices: list[int]):
+    from ami_dist.data.batching import make_batch
+
+    return make_batch([split.src_ids[i] for i in indices], [split.tgt_ids[i] for i in indices], vocab.pad_id,
+                      vocab.bos_id, vocab.eos_id)
+
+
+def batch_indices(cfg, world: int, rank: int, count: int):
+    """The vocabulary, the encoded training split and the first ``count`` batches (index lists) of a rank."""
+    from ami_dist.data.corpus import encode_split
+
+    vocab, pairs = _vocab_and_pairs(cfg)
+    split, _ = encode_split(pairs, vocab, cfg.data.max_src_len, cfg.data.max_tgt_len)
+    it = _sampler(cfg, split, world, rank)
     return vocab, split, [next(it) for _ in range(count)]
 
 
 def _batches(cfg, world: int, rank: int, count: int):
-    from ami_dist.data.batching import make_batch
-
     vocab, split, indices = batch_indices(cfg, world, rank, count)
-    return vocab, [make_batch([split.src_ids[i] for i in idx], [split.tgt_ids[i] for i in idx], vocab.pad_id,
-                              vocab.bos_id, vocab.eos_id) for idx in indices]
+    return vocab, [_make_batch(split, vocab, idx) for idx in indices]
 
 
 def worker(variant: str, config: str, preset: str, steps: int, warmup: int, out: str) -> None:
@@ -169,23 +185,17 @@ def critical_path(cfg, batches: int = 200, calls: int = 20) -> dict:
     happens once, before the first step (timed here too)."""
     import tempfile
 
-    from ami_dist.data.batching import ShardedBucketSampler, make_batch
-    from ami_dist.data.corpus import encode_split, read_split
-    from ami_dist.data.vocab import train_vocab
+    from ami_dist.data.corpus import encode_split
     from ami_dist.tracking import MlflowTracker
 
-    pairs = read_split(cfg.data, "train")
-    vocab = train_vocab(cfg.vocab.kind, [s for s, _ in pairs] + [t for _, t in pairs], cfg.vocab.size)
+    vocab, pairs = _vocab_and_pairs(cfg)
     started = time.perf_counter()
     split, _ = encode_split(pairs, vocab, cfg.data.max_src_len, cfg.data.max_tgt_len)
     encode_s = time.perf_counter() - started
-    sampler = iter(ShardedBucketSampler([len(s) for s in split.src_ids], [len(t) for t in split.tgt_ids],
-                                        cfg.train.batch_size, rank=0, world=1, seed=cfg.run.seed))
+    sampler = _sampler(cfg, split, 1, 0)
     started = time.perf_counter()
     for _ in range(batches):
-        idx = next(sampler)
-        make_batch([split.src_ids[i] for i in idx], [split.tgt_ids[i] for i in idx], vocab.pad_id, vocab.bos_id,
-                   vocab.eos_id)
+        _make_batch(split, vocab, next(sampler))
     batch_ms = 1000 * (time.perf_counter() - started) / batches
     metrics = {f"{net}/{name}": 1.0 for net in ("fw", "bw") for name in ("mle_nll", "lr", "adv_reward", "reward_std")}
     metrics |= {"train/tgt_tokens_per_s": 1.0, "train/skipped_updates": 0.0, "schedule/phase": 0.0}
@@ -276,9 +286,10 @@ def main() -> None:
         from ami_dist.config import load_config
 
         path = critical_path(load_config(args.config))
-        step_ms = 1000 * (results.get("deepspeed") or next(iter(results.values())))["seconds"] / args.steps
+        against = "deepspeed" if "deepspeed" in results else next(iter(results))
+        step_ms = 1000 * results[against]["seconds"] / args.steps
         per_step_log = path["log_ms"] / path["log_every"]
-        print(f"\nBesides the step ({step_ms:.0f} ms, DeepSpeed 1 rank): batch assembly {path['batch_ms']:.2f} ms per "
+        print(f"\nBesides the step ({step_ms:.0f} ms, {against}): batch assembly {path['batch_ms']:.2f} ms per "
               f"step ({100 * path['batch_ms'] / step_ms:.2f}%); one MLflow log call of {path['metrics']} metrics "
               f"{path['log_ms']:.1f} ms every {path['log_every']} steps = {per_step_log:.2f} ms per step "
               f"({100 * per_step_log / step_ms:.3f}%); tokenising {path['pairs']} training pairs "

@@ -284,9 +284,12 @@ class LSTMSeq2Seq(Seq2Seq):
     def decode(self, tgt_in: torch.Tensor, enc: EncoderOutput,
                state: LSTMState | None = None) -> tuple[torch.Tensor, LSTMState]:
         rnn_state, feed = (enc.state, None) if state is None else (state.rnn, state.feed)
-        # a row's length: up to its last non-pad token (padding after it is not computed)
-        real = tgt_in != self.pad_id
-        lengths = (real * torch.arange(1, tgt_in.size(1) + 1, device=tgt_in.device)).amax(dim=1)
+        # a row's length: up to its last non-pad token (padding after it is not computed); a single step
+        # (greedy and beam decoding) has nothing to skip
+        lengths = None
+        if tgt_in.size(1) > 1:
+            real = tgt_in != self.pad_id
+            lengths = (real * torch.arange(1, tgt_in.size(1) + 1, device=tgt_in.device)).amax(dim=1)
         out, rnn_state, feed = self.decoder(self.emb_dropout(self.tgt_emb(tgt_in)), enc.memory, enc.keys,
                                             enc.mask, rnn_state, feed, lengths)
         return out, LSTMState(rnn_state, feed)

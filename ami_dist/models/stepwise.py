@@ -42,7 +42,8 @@ class WeightGrads:
             with torch.no_grad():
                 self.projected = torch.addmm(bias, inputs, w.t())
         sources = list(projection or ()) + weights
-        self.token = _Sink.apply(self, *sources) if torch.is_grad_enabled() else None
+        # every step takes the token as an input; without autograd it is a placeholder
+        self.token = _Sink.apply(self, *sources) if torch.is_grad_enabled() else torch.zeros(())
 
     def index(self, weight: torch.Tensor) -> int:
         return next(i for i, w in enumerate(self.weights) if w is weight)
@@ -85,10 +86,6 @@ class _Sink(Function):
     @staticmethod
     def backward(ctx, _unused: torch.Tensor | None) -> tuple:
         return None, *ctx.store.reduce()
-
-
-def _token(store: WeightGrads) -> torch.Tensor:
-    return store.token if store.token is not None else torch.zeros(())
 
 
 class _LSTMCell(Function):
@@ -154,9 +151,9 @@ def lstm_cell(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], w_x: to
     if (bias is None) == (row is None):
         raise ValueError("lstm_cell: give exactly one of bias and row")
     h, c = state
-    return _LSTMCell.apply(bias, x, h, c, w_x, w_h, _token(store), store, store.index(w_x), store.index(w_h), row)
+    return _LSTMCell.apply(bias, x, h, c, w_x, w_h, store.token, store, store.index(w_x), store.index(w_h), row)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, store: WeightGrads) -> torch.Tensor:
     """x Wᵀ with W's gradient collected by ``store``."""
-    return _Linear.apply(x, w, _token(store), store, store.index(w))
+    return _Linear.apply(x, w, store.token, store, store.index(w))
