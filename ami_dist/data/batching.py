@@ -1,7 +1,7 @@
 """Length-bucketed batches, sharded across ranks deterministically for a seed, resumable from a position.
 
-Every rank computes the same global list of batches for an epoch (from ``seed`` and the epoch number)
-and takes every ``world``-th one, so ranks never need to talk about data and a run restarted with the
+Every rank computes the same global list of steps for an epoch (from ``seed`` and the epoch number)
+and takes its share of each, so ranks never need to talk about data and a run restarted with the
 sampler's state continues with exactly the batches it would have seen.
 """
 
@@ -58,10 +58,11 @@ def make_batch(src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]], pad_i
 class ShardedBucketSampler:
     """Yields this rank's batches (lists of example indices) forever, epoch after epoch.
 
-    Within an epoch: shuffle all examples, cut into pools of ``bucket_batches`` batches, sort each pool
-    by (source, target) length so a batch holds similar lengths (little padding), cut into batches of
-    ``batch_size``, shuffle the batch order, drop the tail that does not divide by ``world`` and give
-    rank r the batches r, r + world, ...
+    Within an epoch: shuffle all examples, cut into pools of ``bucket_batches`` steps, sort each pool by
+    (source, target) length, cut it into steps of ``batch_size`` x ``world`` examples and shuffle the step
+    order. Rank r takes rows r, r + world, ... of each (sorted) step, so the ranks of a step get batches
+    of nearly the same lengths: a rank that drew long sentences would otherwise hold every other rank at
+    the gradient all-reduce. A step with fewer examples than ranks (an epoch's last) is dropped.
     """
 
     def __init__(self, src_lengths: Sequence[int], tgt_lengths: Sequence[int], batch_size: int, *,
@@ -79,32 +80,34 @@ class ShardedBucketSampler:
         self.position = 0  # batches of the current epoch this rank has already yielded
         if self.batches_per_epoch() == 0:
             raise ValueError(
-                f"{len(self.src_lengths)} examples make fewer batches of {batch_size} than there are ranks ({world})"
+                f"{len(self.src_lengths)} examples make no step of {batch_size} x {world} ranks "
+                f"(at least {world} are needed)"
             )
 
     def global_batches(self, epoch: int) -> list[np.ndarray]:
-        """All ranks' batches of ``epoch`` in order (identical on every rank)."""
+        """All ranks' steps of ``epoch`` in order (identical on every rank), each sorted by length."""
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.src_lengths))
-        pool = self.batch_size * self.bucket_batches
-        batches: list[np.ndarray] = []
+        step = self.batch_size * self.world
+        pool = step * self.bucket_batches
+        steps: list[np.ndarray] = []
         for start in range(0, len(order), pool):
             chunk = order[start : start + pool]
             chunk = chunk[np.lexsort((self.tgt_lengths[chunk], self.src_lengths[chunk]))]
-            batches.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
-        batch_order = rng.permutation(len(batches))
-        return [batches[i] for i in batch_order]
+            steps.extend(chunk[i : i + step] for i in range(0, len(chunk), step))
+        steps = [s for s in steps if len(s) >= self.world]
+        step_order = rng.permutation(len(steps))
+        return [steps[i] for i in step_order]
 
     def batches_per_epoch(self) -> int:
-        full_pools, rest = divmod(len(self.src_lengths), self.batch_size * self.bucket_batches)
-        total = full_pools * self.bucket_batches + -(-rest // self.batch_size)
-        return total // self.world
+        step = self.batch_size * self.world
+        full_pools, rest = divmod(len(self.src_lengths), step * self.bucket_batches)
+        full_steps, tail = divmod(rest, step)
+        return full_pools * self.bucket_batches + full_steps + (tail >= self.world)
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
-        """This rank's batches of ``epoch``."""
-        batches = self.global_batches(epoch)
-        usable = len(batches) // self.world * self.world
-        return batches[self.rank : usable : self.world]
+        """This rank's batches of ``epoch``: its rows of every step."""
+        return [step[self.rank :: self.world] for step in self.global_batches(epoch)]
 
     def __iter__(self) -> Iterator[list[int]]:
         while True:

@@ -68,6 +68,17 @@ def test_ranks_get_disjoint_equal_shares_covering_the_epoch() -> None:
     assert len(seen) >= 1000 - 2 * 16  # at most the tail that does not divide by the world is dropped
 
 
+def test_the_ranks_of_a_step_get_batches_of_nearly_equal_length() -> None:
+    """A rank given long sentences while another has short ones makes the other wait at the all-reduce."""
+    src, tgt = _lengths(4000)
+    samplers = [ShardedBucketSampler(src, tgt, 16, rank=r, world=2, seed=2, bucket_batches=20) for r in range(2)]
+    shares = [s.epoch_batches(0) for s in samplers]
+    tokens = np.array([[sum(src[i] + tgt[i] for i in batch) for batch in share] for share in shares])
+    spread = np.abs(tokens[0] - tokens[1]) / tokens.mean(axis=0)
+    assert spread.mean() < 0.05
+    assert all(len(a) == len(b) for a, b in zip(*shares, strict=True))  # equal sentences per rank in every full step
+
+
 def test_batches_are_length_bucketed() -> None:
     src, tgt = _lengths(2000)
     sampler = ShardedBucketSampler(src, tgt, 32, seed=1, bucket_batches=50)
@@ -91,7 +102,7 @@ def test_deterministic_for_a_seed_and_different_per_epoch() -> None:
 def test_resume_from_state_continues_identically() -> None:
     src, tgt = _lengths(300)
     full = ShardedBucketSampler(src, tgt, 8, rank=1, world=2, seed=9)
-    reference = list(itertools.islice(iter(full), 40))  # crosses an epoch boundary (18 batches per epoch)
+    reference = list(itertools.islice(iter(full), 40))  # crosses an epoch boundary (19 batches per epoch)
     first = ShardedBucketSampler(src, tgt, 8, rank=1, world=2, seed=9)
     it = iter(first)
     head = list(itertools.islice(it, 25))
