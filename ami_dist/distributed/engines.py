@@ -93,8 +93,35 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
+    share_master_weights(engine.optimizer)
     use_safe_loading(engine)  # its checkpoints are read with weights_only=True
     return engine
+
+
+def share_master_weights(zero_optimizer: Any) -> bool:
+    """Let ZeRO-1/2 update this rank's slice of the model's weights in place when they are float32.
+
+    ZeRO keeps a "master" copy of the rank's slice in float32 for the optimizer and copies it back into
+    the (usually half-precision) weights after each step. For a float32 model that copy is the same
+    numbers twice: 76 MB for the dialog LSTM on one rank. Here the master slice becomes a view of the
+    model's own slice (the copy back is then a copy onto itself), and DeepSpeed's links from each weight
+    to its master fragment are rebuilt. Returns whether anything was shared.
+    """
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if not isinstance(zero_optimizer, DeepSpeedZeroOptimizer) or zero_optimizer.cpu_offload:
+        return False
+    pairs = []
+    for i, master in enumerate(zero_optimizer.single_partition_of_fp32_groups):
+        rank = torch.distributed.get_rank(group=zero_optimizer.real_dp_process_group[i])
+        own = zero_optimizer.parallel_partitioned_bit16_groups[i][rank]
+        if (own.dtype, own.device, own.shape) != (master.dtype, master.device, master.shape):
+            return False
+        pairs.append((master, own))
+    for master, own in pairs:
+        master.data = own.data  # same tensor object (the optimizer's parameter), the model's storage
+    zero_optimizer._link_all_hp_params()
+    return True
 
 
 @contextmanager

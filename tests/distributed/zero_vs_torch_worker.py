@@ -1,0 +1,72 @@
+"""Worker for test_zero_matches_torch: a small LSTM trained for a few steps on 2 ranks under a ZeRO
+preset must end with the weights that plain PyTorch reaches on one process with both ranks' batches
+(the loss averaged over ranks, clipped, the same optimizer and schedule).
+
+Run under torchrun with 2 ranks: ``zero_vs_torch_worker.py PRESET OPTIMIZER``; prints one line of JSON.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import torch
+
+from ami_dist.config.schema import OptimConfig, TrainConfig
+from ami_dist.data.batching import make_batch
+from ami_dist.distributed import build_engine, init_distributed, load_preset, resolve_ds_config
+from ami_dist.models import ModelConfig, build_model
+from ami_dist.training.losses import token_nll
+from ami_dist.training.optim import build_optimizer
+
+PAD, BOS, EOS, VOCAB, STEPS = 0, 1, 2, 40, 4
+
+
+def batch(step: int, rank: int):
+    g = torch.Generator().manual_seed(100 * step + rank)
+    lengths = torch.randint(3, 9, (6,), generator=g).tolist()
+    src = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
+    tgt = [torch.randint(3, VOCAB, (n - 1,), generator=g).tolist() for n in lengths]
+    return make_batch(src, tgt, PAD, BOS, EOS)
+
+
+def loss_of(model, b) -> torch.Tensor:
+    real = b.tgt_out != PAD
+    total, ntok = token_nll(model(b.src, b.src_lengths, b.tgt_in, positions=real), b.tgt_out[real], PAD)
+    return total / ntok
+
+
+def main(preset: str, optimizer_name: str) -> None:
+    comm = init_distributed(60, 1)
+    model_cfg = ModelConfig(emb_dim=16, hidden_size=16, enc_layers=1, dec_layers=1, dropout=0.0)
+    optim_cfg = OptimConfig(name=optimizer_name, lr=0.5 if optimizer_name == "sgd" else 0.01, max_grad_norm=0.5)
+    torch.manual_seed(3)
+    model = build_model(model_cfg, VOCAB, PAD)
+    reference = copy.deepcopy(model)
+    initial = [p.detach().clone() for p in model.parameters()]
+    ref_opt, ref_sched = build_optimizer(list(reference.parameters()), optim_cfg, 16)
+    opt, sched = build_optimizer(list(model.parameters()), optim_cfg, 16)
+    ds_config = resolve_ds_config(load_preset(preset), preset, TrainConfig(batch_size=12), optim_cfg, 2)
+    engine = build_engine(model, opt, sched, ds_config)
+    master = engine.optimizer.single_partition_of_fp32_groups[0]
+    flat = engine.optimizer.bit16_groups_flat[0]
+    shared = flat.data_ptr() <= master.data_ptr() < flat.data_ptr() + flat.numel() * flat.element_size()
+    for step in range(STEPS):
+        engine.backward(loss_of(engine, batch(step, comm.rank)))
+        engine.step()
+        ((loss_of(reference, batch(step, 0)) + loss_of(reference, batch(step, 1))) / 2).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), optim_cfg.max_grad_norm)
+        ref_opt.step()
+        ref_sched.step()
+        ref_opt.zero_grad(set_to_none=True)
+    ours = dict(engine.module.named_parameters())
+    worst = max((ours[n] - p).abs().max().item() for n, p in reference.named_parameters())
+    moved = max((p - q).abs().max().item() for p, q in zip(reference.parameters(), initial, strict=True))
+    result = {"rank": comm.rank, "max_abs_diff": worst, "master_shares_model_storage": shared, "moved": moved}
+    sys.stdout.write(json.dumps(result) + "\n")  # one write: the ranks share the pipe
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
