@@ -69,3 +69,22 @@ def test_noam_warms_up_then_decays_with_the_inverse_square_root() -> None:
     assert seen[0] == pytest.approx(peak / 4)  # linear warm-up: step 1 of 4
     assert seen[15] == pytest.approx(peak / 2)  # step 16 = 4 x warm-up: lr halves
     assert seen[:4] == sorted(seen[:4]) and seen[3:] == sorted(seen[3:], reverse=True)
+
+
+def test_adam_is_the_fused_kernel_and_matches_the_reference_update() -> None:
+    torch.manual_seed(0)
+    weights = [torch.randn(7, 5), torch.randn(5)]
+    ours = [torch.nn.Parameter(w.clone()) for w in weights]
+    reference = [torch.nn.Parameter(w.clone()) for w in weights]
+    cfg = OptimConfig(name="adam", lr=0.01, adam_beta2=0.998, adam_eps=1e-9, weight_decay=0.01)
+    opt, _ = build_optimizer(ours, cfg, 512)
+    assert opt.defaults["fused"]
+    ref = torch.optim.Adam(reference, lr=0.01, betas=(0.9, 0.998), eps=1e-9, weight_decay=0.01, foreach=False)
+    for _ in range(5):
+        grads = [torch.randn_like(w) for w in weights]
+        for params, optimizer in ((ours, opt), (reference, ref)):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            optimizer.step()
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
