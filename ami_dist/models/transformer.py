@@ -17,6 +17,37 @@ from ami_dist.models.seq2seq import EncoderOutput, Seq2Seq, source_mask
 KV = tuple[torch.Tensor, torch.Tensor]  # keys and values, each (B, heads, length, head_dim)
 
 
+class Packing:
+    """The live positions of a (B, T) batch, for running position-wise layers on them only.
+
+    Teacher-forced targets are right-padded: with length-bucketed batches about a quarter of the decoder's
+    positions are padding. Projections, feed-forward layers and normalisations see the (N, D) rows of live
+    positions; attention sees them scattered back into (B, T, D) with zeros elsewhere (a live position
+    never attends to a later one, so padding is never read).
+    """
+
+    def __init__(self, live: torch.Tensor) -> None:
+        self.shape = live.shape
+        self.index = live.reshape(-1).nonzero().squeeze(1)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> (N, ...), the live positions in row-major order."""
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, ...) -> (B, T, ...), zeros at the positions that are not live."""
+        out = x.new_zeros(self.shape.numel(), *x.shape[1:]).index_copy(0, self.index, x)
+        return out.view(*self.shape, *x.shape[1:])
+
+
+def live_positions(tgt_in: torch.Tensor, pad_id: int) -> Packing | None:
+    """Each row's positions up to its last non-pad token, or None when that is every position."""
+    steps = torch.arange(1, tgt_in.size(1) + 1, device=tgt_in.device)
+    lengths = ((tgt_in != pad_id) * steps).amax(dim=1)
+    live = steps[None, :] <= lengths[:, None]
+    return None if bool(live.all()) else Packing(live)
+
+
 def sinusoids(start: int, length: int, dim: int, device: torch.device) -> torch.Tensor:
     """Positional encodings of positions start .. start + length − 1, (length, dim)."""
     position = torch.arange(start, start + length, device=device, dtype=torch.float32).unsqueeze(1)
@@ -37,20 +68,24 @@ class MultiHeadAttention(nn.Module):
         self.value = nn.Linear(dim, dim)
         self.out = nn.Linear(dim, dim)
 
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
+    def _split(self, x: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
+        if packing is not None:
+            x = packing.unpack(x)
         b, t, d = x.shape
         return x.view(b, t, self.heads, d // self.heads).transpose(1, 2)
 
-    def keys_values(self, x: torch.Tensor) -> KV:
-        return self._split(self.key(x)), self._split(self.value(x))
+    def keys_values(self, x: torch.Tensor, packing: Packing | None = None) -> KV:
+        return self._split(self.key(x), packing), self._split(self.value(x), packing)
 
-    def forward(self, x: torch.Tensor, kv: KV, mask: torch.Tensor) -> torch.Tensor:
-        """x (B, T, D) attends to kv; mask broadcastable to (B, heads, T, S), True where attention is allowed."""
-        q = self._split(self.query(x))
+    def forward(self, x: torch.Tensor, kv: KV, mask: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
+        """x (B, T, D), or its live rows (N, D) with ``packing``, attends to kv; mask broadcastable to
+        (B, heads, T, S), True where attention is allowed. The output has the shape of x."""
+        q = self._split(self.query(x), packing)
         out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask,
                                              dropout_p=self.dropout if self.training else 0.0)
         b, _, t, _ = out.shape
-        return self.out(out.transpose(1, 2).reshape(b, t, -1))
+        out = out.transpose(1, 2).reshape(b, t, -1)
+        return self.out(out if packing is None else packing.pack(out))
 
 
 class FeedForward(nn.Sequential):
@@ -88,16 +123,17 @@ class DecoderLayer(nn.Module):
         self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cache: KV | None, causal: torch.Tensor, cross: KV,
-                memory_mask: torch.Tensor) -> tuple[torch.Tensor, KV]:
-        """One layer over the new positions x; ``cache`` holds earlier positions' self-attention K/V."""
+                memory_mask: torch.Tensor, packing: Packing | None = None) -> tuple[torch.Tensor, KV]:
+        """One layer over the new positions x (B, T, D), or their live rows (N, D) with ``packing``;
+        ``cache`` holds earlier positions' self-attention K/V."""
         h = self.norms[0](x) if self.pre_norm else x
-        k, v = self.self_attn.keys_values(h)
+        k, v = self.self_attn.keys_values(h, packing)
         if cache is not None:
             k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
-        a = self.drop(self.self_attn(h, (k, v), causal))
+        a = self.drop(self.self_attn(h, (k, v), causal, packing))
         x = x + a if self.pre_norm else self.norms[0](x + a)
         h = self.norms[1](x) if self.pre_norm else x
-        a = self.drop(self.cross_attn(h, cross, memory_mask))
+        a = self.drop(self.cross_attn(h, cross, memory_mask, packing))
         x = x + a if self.pre_norm else self.norms[1](x + a)
         h = self.norms[2](x) if self.pre_norm else x
         a = self.drop(self.ffn(h))
@@ -148,9 +184,12 @@ class TransformerSeq2Seq(Seq2Seq):
             with torch.no_grad():
                 emb.weight[self.pad_id].zero_()
 
-    def _embed(self, emb: nn.Embedding, ids: torch.Tensor, start: int) -> torch.Tensor:
-        x = emb(ids) * math.sqrt(self.dim) + sinusoids(start, ids.size(1), self.dim, ids.device)
-        return self.drop(x)
+    def _embed(self, emb: nn.Embedding, ids: torch.Tensor, start: int, packing: Packing | None = None) -> torch.Tensor:
+        positions = sinusoids(start, ids.size(1), self.dim, ids.device)
+        if packing is not None:  # only the live positions, (N, D)
+            positions = positions.expand(ids.size(0), -1, -1)
+            ids, positions = packing.pack(ids.unsqueeze(-1)).squeeze(-1), packing.pack(positions)
+        return self.drop(emb(ids) * math.sqrt(self.dim) + positions)
 
     def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> EncoderOutput:
         mask = source_mask(src, src_lengths)
@@ -169,10 +208,15 @@ class TransformerSeq2Seq(Seq2Seq):
         # New position start + i may attend to every position up to itself, cached ones included.
         positions = torch.arange(start + new, device=tgt_in.device)
         causal = positions[None, :] <= (start + torch.arange(new, device=tgt_in.device))[:, None]
-        x = self._embed(self.tgt_emb, tgt_in, start)
+        # Teacher forcing: padding after each row's last token is not computed (one token at a time, as
+        # greedy and beam search decode, has none).
+        packing = live_positions(tgt_in, self.pad_id) if new > 1 else None
+        x = self._embed(self.tgt_emb, tgt_in, start, packing)
         memory_mask = enc.mask[:, None, None, :]
         caches = []
         for i, layer in enumerate(self.dec_layers):
-            x, kv = layer(x, state.self_kv[i] if state.self_kv else None, causal, state.cross_kv[i], memory_mask)
+            x, kv = layer(x, state.self_kv[i] if state.self_kv else None, causal, state.cross_kv[i], memory_mask,
+                          packing)
             caches.append(kv)
-        return self.dec_norm(x), TransformerState(caches, state.cross_kv, start + new)
+        x = self.dec_norm(x)
+        return x if packing is None else packing.unpack(x), TransformerState(caches, state.cross_kv, start + new)

@@ -324,3 +324,29 @@ def test_encoder_equals_the_packed_lstm(bidirectional: bool) -> None:
     want = torch.autograd.grad((memory_ref * weights).sum() + h_ref.sum() + c_ref.square().sum(), wrt)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["transformer-post", "transformer-pre"])
+def test_transformer_decoder_skips_padding_after_each_rows_end(variant: str) -> None:
+    """Teacher forcing on right-padded targets: the position-wise layers see only the live positions, and
+    outputs and gradients at those positions are those of each row decoded alone."""
+    model = _model(**VARIANTS[variant]).train()  # dropout is 0: train mode changes nothing else
+    src, lengths = _src()
+    tgt = torch.tensor([[BOS, 11, 12, 13, 14], [BOS, 15, PAD, PAD, PAD]])
+    live = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    ffn_rows = []
+    hook = model.dec_layers[0].ffn[0].register_forward_hook(lambda m, args, out: ffn_rows.append(args[0].shape[0]))
+    together = model(src, lengths, tgt)
+    hook.remove()
+    assert ffn_rows == [int(live.sum())]  # 7 positions, not 10
+    grads_together = torch.autograd.grad(together[live].square().sum(), list(model.parameters()), allow_unused=True)
+    rows = [model(src[i : i + 1, : int(lengths[i])], lengths[i : i + 1], tgt[i : i + 1, : int(live[i].sum())])
+            for i in range(2)]
+    torch.testing.assert_close(together[live], torch.cat([r[0] for r in rows]), rtol=1e-5, atol=1e-5)
+    grads_alone = torch.autograd.grad(sum(r.square().sum() for r in rows), list(model.parameters()),
+                                      allow_unused=True)
+    for name, a, b in zip((n for n, _ in model.named_parameters()), grads_together, grads_alone, strict=True):
+        if a is None or b is None:
+            assert a is None and b is None, name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
