@@ -114,7 +114,7 @@ class TrainConfig:
         "checkpoint) after this many such steps in a row", gt=0,
     )
     keep_checkpoints: int = spec(3, "keep the newest N complete checkpoints, delete older ones (0 = keep all)", ge=0)
-    bucket_batches: int = spec(100, "length bucketing: sort pools of this many batches by length", gt=0)
+    bucket_batches: int = spec(100, "length bucketing: sort pools of this many steps' examples by length", gt=0)
     threads_per_rank: int = spec(0, "intra-op threads per rank (0 = CPU cores / local ranks)", ge=0)
     eval_before_training: bool = spec(False, "also evaluate at step 0 (a baseline for the learning curve)")
     stop_after_steps: int = spec(
