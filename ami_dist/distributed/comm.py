@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -121,6 +122,40 @@ def _gloo_fast_all_gather(original: Callable[..., Any]) -> Callable[..., Any]:
     return all_gather_into_tensor
 
 
+def _compile_on_first_call() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A ``@torch.compile`` decorator that compiles when the function first runs, not when it is defined."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        compiled: list[Callable[..., Any]] = []
+
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if not compiled:
+                compiled.append(torch.compile(fn))
+            return compiled[0](*args, **kwargs)
+
+        return run
+
+    return decorate
+
+
+def _import_muon_lazily() -> None:
+    """DeepSpeed's ZeRO optimizers import its Muon optimizer when they start, and Muon's module applies
+    ``@torch.compile`` to three functions as it is imported, which imports TorchDynamo, Inductor and
+    networkx: about 600 modules and 46 MB of resident memory in every rank, for an optimizer ami-dist
+    never uses. Imported here with the compilation deferred to the first call."""
+    from deepspeed.runtime import compiler
+
+    eager = compiler.compile
+    compiler.compile = _compile_on_first_call
+    try:
+        import deepspeed.runtime.zero.muon.original_muon  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        compiler.compile = eager
+
+
 def import_deepspeed() -> Any:
     """DeepSpeed, with three things it does on CPU changed.
 
@@ -129,8 +164,10 @@ def import_deepspeed() -> Any:
     - Its communication backend JIT-builds and loads a shared-memory all-reduce op for its inference
       path (training collectives go through torch.distributed), and every rank of a local launch then
       leaves a 69 MB segment in /dev/shm that nothing removes. Left out.
-    - ZeRO-1/2 gather the updated weights after every step with gloo's all-gather, twice as slow
-      than one broadcast per rank: on gloo, synchronous all-gathers become broadcasts (about 2x faster).
+    - ZeRO-1/2 gather the updated weights after every step with gloo's all-gather, about twice
+      as slow as one broadcast per rank: on gloo, synchronous all-gathers become broadcasts.
+    - Its ZeRO optimizers import its Muon optimizer, which compiles (and so imports the whole compiler
+      stack) as it is imported; the compilation waits for a first call (see _import_muon_lazily).
     """
     if "deepspeed" not in sys.modules:
         block = "mlflow" not in sys.modules
@@ -141,6 +178,7 @@ def import_deepspeed() -> Any:
         finally:
             if block and sys.modules.get("mlflow", 0) is None:
                 del sys.modules["mlflow"]
+        _import_muon_lazily()
     import deepspeed.comm.torch  # noqa: F401  (the attribute deepspeed.comm.torch is PyTorch itself)
 
     backend_module = sys.modules["deepspeed.comm.torch"]

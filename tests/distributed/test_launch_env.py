@@ -71,3 +71,59 @@ def test_no_shared_memory_segment_is_left_behind(tmp_path) -> None:
             and f"_{port}_" in name]
     assert left == [], left
     assert not (tmp_path / "ext").exists()  # nothing was JIT-built either
+
+
+def test_a_zero_engine_starts_without_the_compiler_stack(tmp_path) -> None:
+    """DeepSpeed's ZeRO optimizers import its Muon optimizer, whose module compiles three functions as it
+    is imported (AOTAutograd, Inductor, networkx: ~600 modules, ~46 MB per rank); ami-dist defers that.
+    (TorchDynamo itself is imported by every torch optimizer's constructor.)"""
+    import os
+    import subprocess
+    import sys
+
+    from ami_dist.distributed.env import _free_port
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    code = """
+import sys, torch
+from ami_dist.config.schema import OptimConfig, TrainConfig
+from ami_dist.distributed import build_engine, init_distributed, load_preset, resolve_ds_config
+init_distributed(60, 1)
+model = torch.nn.Linear(4, 2)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+preset = 'configs/ds_zero2.json'
+cfg = resolve_ds_config(load_preset(preset), preset, TrainConfig(batch_size=2), OptimConfig(), 1)
+engine = build_engine(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), cfg)
+engine.backward(engine(torch.ones(2, 4)).sum())
+engine.step()
+import deepspeed.runtime.zero.muon.original_muon as muon
+print('loaded', [m for m in ('torch._functorch.aot_autograd', 'networkx') if m in sys.modules],
+      callable(muon.zeropower_via_newtonschulz5))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines()[-1] == "loaded [] True"
+
+
+def test_deferred_compile_compiles_once_on_the_first_call(monkeypatch) -> None:
+    import torch
+
+    from ami_dist.distributed import comm
+
+    compiled = []
+
+    def fake_compile(fn):
+        compiled.append(fn)
+        return lambda *args: fn(*args) + 100
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+
+    @comm._compile_on_first_call()
+    def double(x):
+        return 2 * x
+
+    assert compiled == []  # defining it compiles nothing
+    assert double(3) == 106 and double(4) == 108  # the compiled function runs, compiled once
+    assert len(compiled) == 1 and double.__name__ == "double"
