@@ -178,6 +178,7 @@ def import_deepspeed() -> Any:
         finally:
             if block and sys.modules.get("mlflow", 0) is None:
                 del sys.modules["mlflow"]
+    if "deepspeed.runtime.zero.muon.original_muon" not in sys.modules:
         _import_muon_lazily()
     import deepspeed.comm.torch  # noqa: F401  (the attribute deepspeed.comm.torch is PyTorch itself)
 
