@@ -28,8 +28,10 @@ def mle_step(engine: Any, batch: Batch, pad_id: int, label_smoothing: float = 0.
     target = batch.tgt_out[real]
     logits = engine(batch.src, batch.src_lengths, batch.tgt_in, positions=real)
     loss_sum, ntok = token_nll(logits, target, pad_id, label_smoothing)
-    update(engine, loss_sum / ntok)
+    nll = loss_sum.detach()
     if label_smoothing:
         with torch.no_grad():
-            loss_sum, _ = token_nll(logits, target, pad_id)
-    return loss_sum.detach(), int(ntok)
+            nll, _ = token_nll(logits, target, pad_id)
+    del logits  # (tokens x vocabulary) floats the backward pass does not need: not kept alive through it
+    update(engine, loss_sum / ntok)
+    return nll, int(ntok)
