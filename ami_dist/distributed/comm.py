@@ -157,7 +157,7 @@ def _import_muon_lazily() -> None:
 
 
 def import_deepspeed() -> Any:
-    """DeepSpeed, with three things it does on CPU changed.
+    """DeepSpeed, with four things it does on CPU changed.
 
     - Its autotuner imports MLflow when installed: about 120 MB of resident memory in every rank (only
       rank 0 tracks, and it imports MLflow itself). Left out.

@@ -13,7 +13,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from ami_dist.models import stepwise
 from ami_dist.models.config import ModelConfig
 from ami_dist.models.dropout import Dropout, dropout, keep_mask
-from ami_dist.models.seq2seq import EncoderOutput, Seq2Seq, source_mask
+from ami_dist.models.seq2seq import EncoderOutput, Seq2Seq, source_mask, target_lengths
 
 PARAM_INIT = 0.1  # OpenNMT-py's default uniform initialisation range, which the paper's LSTMs used
 
@@ -288,8 +288,7 @@ class LSTMSeq2Seq(Seq2Seq):
         # (greedy and beam decoding) has nothing to skip
         lengths = None
         if tgt_in.size(1) > 1:
-            real = tgt_in != self.pad_id
-            lengths = (real * torch.arange(1, tgt_in.size(1) + 1, device=tgt_in.device)).amax(dim=1)
+            lengths = target_lengths(tgt_in, self.pad_id)
         out, rnn_state, feed = self.decoder(self.emb_dropout(self.tgt_emb(tgt_in)), enc.memory, enc.keys,
                                             enc.mask, rnn_state, feed, lengths)
         return out, LSTMState(rnn_state, feed)

@@ -103,3 +103,9 @@ class Seq2Seq(nn.Module):
 def source_mask(src: torch.Tensor, src_lengths: torch.Tensor) -> torch.Tensor:
     """(B, S) True at the first ``src_lengths`` positions of each row."""
     return torch.arange(src.size(1), device=src.device).unsqueeze(0) < src_lengths.unsqueeze(1)
+
+
+def target_lengths(tgt_in: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """(B,) each row's length up to and including its last non-pad token (what teacher forcing computes)."""
+    steps = torch.arange(1, tgt_in.size(1) + 1, device=tgt_in.device)
+    return ((tgt_in != pad_id) * steps).amax(dim=1)

@@ -12,7 +12,7 @@ from torch import nn
 
 from ami_dist.models.config import ModelConfig
 from ami_dist.models.dropout import Dropout
-from ami_dist.models.seq2seq import EncoderOutput, Seq2Seq, source_mask
+from ami_dist.models.seq2seq import EncoderOutput, Seq2Seq, source_mask, target_lengths
 
 KV = tuple[torch.Tensor, torch.Tensor]  # keys and values, each (B, heads, length, head_dim)
 
@@ -43,8 +43,7 @@ class Packing:
 def live_positions(tgt_in: torch.Tensor, pad_id: int) -> Packing | None:
     """Each row's positions up to its last non-pad token, or None when that is every position."""
     steps = torch.arange(1, tgt_in.size(1) + 1, device=tgt_in.device)
-    lengths = ((tgt_in != pad_id) * steps).amax(dim=1)
-    live = steps[None, :] <= lengths[:, None]
+    live = steps[None, :] <= target_lengths(tgt_in, pad_id)[:, None]
     return None if bool(live.all()) else Packing(live)
 
 
@@ -188,7 +187,7 @@ class TransformerSeq2Seq(Seq2Seq):
         positions = sinusoids(start, ids.size(1), self.dim, ids.device)
         if packing is not None:  # only the live positions, (N, D)
             positions = positions.expand(ids.size(0), -1, -1)
-            ids, positions = packing.pack(ids.unsqueeze(-1)).squeeze(-1), packing.pack(positions)
+            ids, positions = packing.pack(ids), packing.pack(positions)
         return self.drop(emb(ids) * math.sqrt(self.dim) + positions)
 
     def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> EncoderOutput:
