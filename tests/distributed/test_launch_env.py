@@ -50,6 +50,14 @@ def test_deepspeed_is_imported_without_mlflow_and_mlflow_still_imports_after() -
     assert out.stdout.splitlines()[-1].startswith("ok ")
 
 
+def _one_rank_env(port: str, **extra: str) -> dict[str, str]:
+    """The environment of a 1-rank job (as a launcher sets it) on ``port``."""
+    import os
+
+    return {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, **extra}
+
+
 def test_no_shared_memory_segment_is_left_behind(tmp_path) -> None:
     """DeepSpeed's CPU backend would build a shared-memory all-reduce op (its inference path) and leave a
     69 MB /dev/shm segment per rank of a local launch; ami-dist's ranks create none."""
@@ -60,8 +68,7 @@ def test_no_shared_memory_segment_is_left_behind(tmp_path) -> None:
     from ami_dist.distributed.env import _free_port
 
     port = str(_free_port())
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    env = _one_rank_env(port, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
     code = ("from ami_dist.distributed.comm import init_distributed; import torch.distributed as dist; "
             "init_distributed(60); dist.barrier(); print('ok')")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
@@ -73,19 +80,17 @@ def test_no_shared_memory_segment_is_left_behind(tmp_path) -> None:
     assert not (tmp_path / "ext").exists()  # nothing was JIT-built either
 
 
-def test_a_zero_engine_starts_without_the_compiler_stack(tmp_path) -> None:
+def test_a_zero_engine_starts_without_the_compiler_stack() -> None:
     """DeepSpeed's ZeRO optimizers import its Muon optimizer, whose module compiles three functions as it
     is imported (AOTAutograd, Inductor, networkx: ~600 modules, ~46 MB per rank); ami-dist defers that.
     (TorchDynamo itself is imported by every torch optimizer's constructor.)"""
-    import os
     import subprocess
     import sys
 
     from ami_dist.distributed.env import _free_port
     from tests.conftest import ROOT
 
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env = _one_rank_env(str(_free_port()))
     code = """
 import sys, torch
 from ami_dist.config.schema import OptimConfig, TrainConfig
