@@ -1,9 +1,10 @@
-"""Gloo's all-gather against the broadcasts ami-dist uses in its place (distributed/comm.py).
+"""Gloo's collectives against what ami-dist uses in their place (distributed/comm.py, shm_collectives.py).
 
-ZeRO-1/2 gather every rank's slice of the updated weights after each optimizer step. Launched on 2
-local ranks with 1 thread each (as the 2-rank training benchmark runs), this times, on a buffer the
-size of the dialog LSTM's weights: gloo's all_gather_into_tensor, ami-dist's all_gather_by_broadcast,
-and for scale the all-reduce of the whole buffer that ZeRO-2 does with the gradients.
+ZeRO-1/2 all-reduce the gradients and gather every rank's slice of the updated weights at each optimizer
+step. Launched on 2 local ranks with 1 thread each (as the 2-rank training benchmark runs), this times, on
+a buffer the size of the dialog LSTM's weights: gloo's all_gather_into_tensor against ami-dist's
+all_gather_by_broadcast (between machines) and its shared-memory all-gather (ranks of one machine), and
+gloo's all_reduce against the shared-memory all-reduce. Each result is checked against gloo's.
 
 Usage: python benchmarks/gloo_collectives.py [--numel 19000000] [--repeats 7] [--ranks 2]
 """
@@ -23,6 +24,7 @@ def worker(numel: int, repeats: int) -> None:
     import torch.distributed as dist
 
     from ami_dist.distributed.comm import all_gather_by_broadcast
+    from ami_dist.distributed.shm_collectives import SharedMemoryGroup
 
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
@@ -33,26 +35,45 @@ def worker(numel: int, repeats: int) -> None:
     expected = torch.empty_like(output)
     dist.all_gather_into_tensor(expected, mine)
 
-    def timed(fn) -> float:
+    def timed(fn, setup=lambda: None) -> float:
         times = []
         for _ in range(repeats):
+            setup()
             dist.barrier()
             started = time.perf_counter()
             fn()
             times.append(time.perf_counter() - started)
         return 1000 * statistics.median(times[1:])  # the first call sets up buffers
 
+    shm = SharedMemoryGroup.attach()
+    if shm is None:
+        raise SystemExit("the ranks could not map a shared-memory segment (is /dev/shm there and writable?)")
+
+    def check(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+        if not torch.allclose(got, want, rtol=1e-6, atol=1e-6):
+            raise SystemExit(f"{what} gave something else than gloo")
+
     gloo = timed(lambda: dist.all_gather_into_tensor(output, mine))
     ours = timed(lambda: all_gather_by_broadcast(output, mine))
-    if not torch.equal(output, expected):
-        raise SystemExit("all_gather_by_broadcast gathered something else than gloo's all-gather")
-    reduce = timed(lambda: dist.all_reduce(output))
+    check(output, expected, "all_gather_by_broadcast")
+    shm_gather = timed(lambda: shm.all_gather_into(output, mine))
+    check(output, expected, "the shared-memory all-gather")
+    grads = torch.randn(share * world)
+    summed = grads.clone()
+    dist.all_reduce(summed)
+    # Each call reduces a fresh copy of the same inputs; the copy is made before the clock starts.
+    fresh = grads.clone()
+    reduce = timed(lambda: dist.all_reduce(fresh), setup=lambda: fresh.copy_(grads))
+    shm_reduce = timed(lambda: shm.all_reduce_([fresh]), setup=lambda: fresh.copy_(grads))
+    check(fresh, summed, "the shared-memory all-reduce")
     if rank == 0:
         mb = share * 4 / 2**20
         print(f"{world} ranks, {mb:.0f} MB per rank ({share * world:,} float32), median of {repeats - 1} calls")
         print(f"  gloo all_gather_into_tensor   {gloo:7.1f} ms")
         print(f"  all_gather_by_broadcast       {ours:7.1f} ms   {gloo / ours:.2f}x faster than gloo's all-gather")
-        print(f"  all_reduce of the whole       {reduce:7.1f} ms   (ZeRO-2's gradient reduction, for scale)")
+        print(f"  shared-memory all-gather      {shm_gather:7.1f} ms   {gloo / shm_gather:.2f}x faster than gloo's")
+        print(f"  gloo all_reduce of the whole  {reduce:7.1f} ms   (the gradients)")
+        print(f"  shared-memory all-reduce      {shm_reduce:7.1f} ms   {reduce / shm_reduce:.2f}x faster than gloo's")
     dist.destroy_process_group()
 
 

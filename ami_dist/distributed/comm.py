@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ami_dist.distributed.env import LaunchInfo, detect_launch, threads_per_rank
+from ami_dist.distributed.shm_collectives import SharedMemoryGroup
 from ami_dist.errors import UserError
 
 T = TypeVar("T")
@@ -110,16 +111,97 @@ def all_gather_by_broadcast(output: torch.Tensor, input_: torch.Tensor, group: A
         dist.broadcast(slices[owner], source, group=group)
 
 
+SHM_ENV = "AMI_DIST_SHM_COLLECTIVES"
+_shared_memory_groups: dict[Any, SharedMemoryGroup | None] = {}
+
+
+def shared_memory_group(group: Any = None) -> SharedMemoryGroup | None:
+    """The shared-memory segment of a gloo ``group`` whose ranks share a machine; None where they do
+    not, or where ``AMI_DIST_SHM_COLLECTIVES=0``. The first call for a group is a collective."""
+    key = dist.group.WORLD if group is None else group
+    if key not in _shared_memory_groups:
+        enabled = os.environ.get(SHM_ENV, "1") != "0"
+        _shared_memory_groups[key] = SharedMemoryGroup.attach(group) if enabled else None
+    return _shared_memory_groups[key]
+
+
 def _gloo_fast_all_gather(original: Callable[..., Any]) -> Callable[..., Any]:
     def all_gather_into_tensor(self: Any, output_tensor: torch.Tensor, input_tensor: torch.Tensor,
                                group: Any = None, async_op: bool = False) -> Any:
-        if async_op or dist.get_backend(group) != "gloo" or not output_tensor.is_contiguous():
+        if (async_op or dist.get_backend(group) != "gloo" or not output_tensor.is_contiguous()
+                or output_tensor.device.type != "cpu"):
             return original(self, output_tensor, input_tensor, group=group, async_op=async_op)
-        all_gather_by_broadcast(output_tensor, input_tensor, group)
+        shm = shared_memory_group(group)
+        if shm is not None:
+            shm.all_gather_into(output_tensor, input_tensor)
+        else:
+            all_gather_by_broadcast(output_tensor, input_tensor, group)
         return None
 
     all_gather_into_tensor.ami_dist_patched = True  # type: ignore[attr-defined]
     return all_gather_into_tensor
+
+
+def _shm_reduce_in_place(optimizer: Any, bucket: list[torch.Tensor], communication_data_type: torch.dtype,
+                         divide: bool, process_group: Any) -> bool:
+    """All-reduce a ZeRO-1/2 gradient bucket in place through shared memory; False (nothing done) where
+    the bucket or its group cannot go that way, or where DeepSpeed keeps float32 gradient partitions of a
+    lower-precision model (its ``output_bucket``: set on the owning rank only). Every rank decides alike:
+    the tests are on the configuration, the same on every rank."""
+    group = optimizer.dp_process_group if process_group is None else process_group
+    accumulation_dtype = getattr(optimizer, "gradient_accumulation_dtype", None)
+    eligible = (not optimizer.overlap_comm and optimizer.sequence_parallel_size == 1
+                and (accumulation_dtype != torch.float32 or accumulation_dtype == optimizer.dtype)
+                and dist.get_backend(group) == "gloo"
+                and all(t.device.type == "cpu" and t.dtype == communication_data_type and t.is_contiguous()
+                        for t in bucket))
+    shm = shared_memory_group(group) if eligible else None
+    if shm is None:
+        return False
+    average = divide and optimizer.gradient_average
+    shm.all_reduce_(bucket, divide_by=dist.get_world_size(group) if average else None)
+    return True
+
+
+def _shm_gradient_all_reduce(original: Callable[..., Any]) -> Callable[..., Any]:
+    """ZeRO-1/2's all-reduce of a gradient bucket (``allreduce_and_copy``), through shared memory where
+    the ranks share a machine.
+
+    DeepSpeed flattens the bucket's gradients into a new tensor, divides it, all-reduces it and copies
+    it back into the gradients: four passes over every gradient plus gloo's socket. The shared-memory
+    all-reduce reads the gradients in place, chunk by chunk, and writes the averaged sums back.
+    """
+
+    def allreduce_and_copy(self: Any, small_bucket: list[torch.Tensor], communication_data_type: torch.dtype,
+                           rank: int | None = None, log: Any = None, divide: bool = True,
+                           process_group: Any = None, output_bucket: list[Any] | None = None) -> Any:
+        if rank is not None or not _shm_reduce_in_place(self, small_bucket, communication_data_type, divide,
+                                                        process_group):
+            return original(self, small_bucket, communication_data_type, rank=rank, log=log, divide=divide,
+                            process_group=process_group, output_bucket=output_bucket)
+        return None
+
+    allreduce_and_copy.ami_dist_patched = True  # type: ignore[attr-defined]
+    return allreduce_and_copy
+
+
+def _shm_bucket_all_reduce(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The same for the contiguous-gradients path (``allreduce_and_copy_with_multiple_ranks``), which
+    all-reduces a bucket of slices and keeps the result only in the slices this rank owns: the others
+    get the reduced values too, where DeepSpeed leaves them as they were; nothing reads them again."""
+
+    def allreduce_and_copy_with_multiple_ranks(self: Any, small_bucket: list[torch.Tensor],
+                                               communication_data_type: torch.dtype, log: Any = None,
+                                               divide: bool = True, process_group: Any = None,
+                                               bucket_ranks: list[Any] | None = None,
+                                               output_bucket: list[Any] | None = None) -> Any:
+        if not _shm_reduce_in_place(self, small_bucket, communication_data_type, divide, process_group):
+            return original(self, small_bucket, communication_data_type, log=log, divide=divide,
+                            process_group=process_group, bucket_ranks=bucket_ranks, output_bucket=output_bucket)
+        return None
+
+    allreduce_and_copy_with_multiple_ranks.ami_dist_patched = True  # type: ignore[attr-defined]
+    return allreduce_and_copy_with_multiple_ranks
 
 
 def _compile_on_first_call() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -157,7 +239,7 @@ def _import_muon_lazily() -> None:
 
 
 def import_deepspeed() -> Any:
-    """DeepSpeed, with four things it does on CPU changed.
+    """DeepSpeed, with five things it does on CPU changed.
 
     - Its autotuner imports MLflow when installed: about 120 MB of resident memory in every rank (only
       rank 0 tracks, and it imports MLflow itself). Left out.
@@ -165,7 +247,10 @@ def import_deepspeed() -> Any:
       path (training collectives go through torch.distributed), and every rank of a local launch then
       leaves a 69 MB segment in /dev/shm that nothing removes. Left out.
     - ZeRO-1/2 gather the updated weights after every step with gloo's all-gather, about twice
-      as slow as one broadcast per rank: on gloo, synchronous all-gathers become broadcasts.
+      as slow as one broadcast per rank: on gloo, synchronous all-gathers go through shared memory
+      between ranks of one machine (shm_collectives) and become broadcasts between machines.
+    - ZeRO-1/2's gradient all-reduces go through shared memory between ranks of one machine, reading
+      and writing the gradients in place (_shm_gradient_all_reduce, _shm_bucket_all_reduce).
     - Its ZeRO optimizers import its Muon optimizer, which compiles (and so imports the whole compiler
       stack) as it is imported; the compilation waits for a first call (see _import_muon_lazily).
     """
@@ -187,6 +272,14 @@ def import_deepspeed() -> Any:
     backend = backend_module.TorchBackend
     if not getattr(backend.all_gather_into_tensor, "ami_dist_patched", False):
         backend.all_gather_into_tensor = _gloo_fast_all_gather(backend.all_gather_into_tensor)
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    zero = DeepSpeedZeroOptimizer
+    if not getattr(zero.allreduce_and_copy, "ami_dist_patched", False):
+        zero.allreduce_and_copy = _shm_gradient_all_reduce(zero.allreduce_and_copy)
+    if not getattr(zero.allreduce_and_copy_with_multiple_ranks, "ami_dist_patched", False):
+        zero.allreduce_and_copy_with_multiple_ranks = _shm_bucket_all_reduce(
+            zero.allreduce_and_copy_with_multiple_ranks)
     return sys.modules["deepspeed"]
 
 

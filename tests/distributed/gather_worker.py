@@ -1,7 +1,8 @@
 """Worker for test_gloo_all_gather: DeepSpeed's all_gather_into_tensor (as ami-dist patches it for gloo)
 must give what gloo's own all-gather gives, on the whole world and on a subgroup of non-consecutive ranks.
 
-Run by the test under torchrun with 3 ranks; prints "ok <rank> <patched>" when every check holds.
+Run by the test under torchrun with 3 ranks; prints "ok <rank> <patched> <used shared memory>" when every
+check holds.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from ami_dist.distributed.comm import import_deepspeed
+from ami_dist.distributed.comm import import_deepspeed, shared_memory_group
 
 deepspeed = import_deepspeed()
 deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120), verbose=False)
@@ -41,6 +42,8 @@ for group, members in ((None, [0, 1, 2]), (subgroup, [0, 2])):
         sys.exit(f"rank {rank}, group {members}: in-place gather gave {flat.tolist()}")
 patched = getattr(sys.modules["deepspeed.comm.torch"].TorchBackend.all_gather_into_tensor, "ami_dist_patched", False)
 dist.barrier()
-sys.stdout.write(f"ok {rank} {patched}\n")  # one write: the ranks share the pipe
+my_groups = [None] if rank == 1 else [None, subgroup]
+used_shm = all(shared_memory_group(g) is not None for g in my_groups)  # attached by the gathers above
+sys.stdout.write(f"ok {rank} {patched} {used_shm}\n")  # one write: the ranks share the pipe
 sys.stdout.flush()
 dist.destroy_process_group()

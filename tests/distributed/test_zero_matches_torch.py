@@ -1,5 +1,6 @@
 """ZeRO-1/2 on 2 ranks (gloo) reach the weights plain PyTorch reaches with both ranks' batches, with the
-optimizer updating the model's own float32 storage (engines.share_master_weights), SGD and fused Adam."""
+optimizer updating the model's own float32 storage (engines.share_master_weights), SGD and fused Adam; the
+gradients and weights going through shared memory (distributed/shm_collectives), and through gloo."""
 
 from __future__ import annotations
 
@@ -8,19 +9,21 @@ import subprocess
 
 import pytest
 
+from ami_dist.distributed.comm import SHM_ENV
 from tests.conftest import PYTHON, ROOT, subprocess_env
 
 pytestmark = pytest.mark.distributed
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-@pytest.mark.parametrize("stage", [1, 2])
-def test_zero_training_equals_plain_torch_on_the_whole_batch(stage: int, optimizer: str) -> None:
+@pytest.mark.parametrize(("stage", "optimizer", "shm"), [
+    (1, "sgd", True), (1, "adam", True), (2, "sgd", True), (2, "adam", True), (2, "adam", False)])
+def test_zero_training_equals_plain_torch_on_the_whole_batch(stage: int, optimizer: str, shm: bool) -> None:
     proc = subprocess.run(
         [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-         str(29643 + stage + 2 * (optimizer == "adam")), str(ROOT / "tests/distributed/zero_vs_torch_worker.py"),
-         str(ROOT / f"configs/ds_zero{stage}.json"), optimizer],
-        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+         str(29643 + stage + 2 * (optimizer == "adam") + 6 * (not shm)),
+         str(ROOT / "tests/distributed/zero_vs_torch_worker.py"), str(ROOT / f"configs/ds_zero{stage}.json"),
+         optimizer],
+        cwd=ROOT, env={**subprocess_env(), SHM_ENV: "1" if shm else "0"}, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -29,3 +32,7 @@ def test_zero_training_equals_plain_torch_on_the_whole_batch(stage: int, optimiz
         assert r["moved"] > 1e-2  # the steps did change the weights
         assert r["max_abs_diff"] < 1e-6, r
         assert r["master_shares_model_storage"], "ZeRO keeps a second float32 copy of the weights"
+        if shm:  # every step's gradient all-reduce and weight all-gather
+            assert r["shared_memory_calls"] == {"all_reduce": 4, "all_gather": 4}, r
+        else:
+            assert r["shared_memory_calls"] is None, r

@@ -16,6 +16,7 @@ import torch
 from ami_dist.config.schema import OptimConfig, TrainConfig
 from ami_dist.data.batching import make_batch
 from ami_dist.distributed import build_engine, init_distributed, load_preset, resolve_ds_config
+from ami_dist.distributed.comm import shared_memory_group
 from ami_dist.models import ModelConfig, build_model
 from ami_dist.training.losses import token_nll
 from ami_dist.training.optim import build_optimizer
@@ -63,7 +64,9 @@ def main(preset: str, optimizer_name: str) -> None:
     ours = dict(engine.module.named_parameters())
     worst = max((ours[n] - p).abs().max().item() for n, p in reference.named_parameters())
     moved = max((p - q).abs().max().item() for p, q in zip(reference.parameters(), initial, strict=True))
-    result = {"rank": comm.rank, "max_abs_diff": worst, "master_shares_model_storage": shared, "moved": moved}
+    shm = shared_memory_group(engine.optimizer.dp_process_group)
+    result = {"rank": comm.rank, "max_abs_diff": worst, "master_shares_model_storage": shared, "moved": moved,
+              "shared_memory_calls": shm.calls if shm is not None else None}
     sys.stdout.write(json.dumps(result) + "\n")  # one write: the ranks share the pipe
     sys.stdout.flush()
 

@@ -1,0 +1,204 @@
+"""All-reduce and all-gather between the ranks of one machine through a shared-memory segment.
+
+On CPU, every byte of a gloo collective goes through a loopback TCP socket: the kernel copies it out of one
+process and into the other, and gloo reduces it in between. Between ranks that share a machine, a segment
+mapped into every rank does the same with plain memory copies. The data goes through in chunks that stay in
+cache, and a barrier (a one-element gloo all-reduce, ~0.15 ms) separates writing a chunk from reading it.
+
+One round of the all-reduce, for ranks 0..W-1 and chunks of C elements:
+
+    every rank copies the next W·C elements of its tensors into its own slot         barrier
+    rank r adds up element range [r·C, (r+1)·C) of every slot into the result area  barrier
+    every rank copies the result area back into its tensors
+
+so each rank reads and writes its data about three times and sums 1/W of it, where gloo sends all of it
+through the socket twice. On the 2-core development machine, 19M float32 between 2 ranks: gloo 56-64 ms,
+this 37 ms; see benchmarks/gloo_collectives.py.
+
+The ranks must agree on every call (same sizes, same order), as for any collective. Whether a group can
+use the segment is decided once, collectively, by :meth:`SharedMemoryGroup.attach`: rank 0 creates a file
+in /dev/shm with a random name and a random stamp, every other rank opens it and checks the stamp, and
+the file is unlinked as soon as everyone has it mapped (nothing is left in /dev/shm, whatever happens
+later). A rank on another machine does not find the file, so the group falls back to gloo, on all ranks.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_CHUNK_BYTES = 4 << 20  # per rank and round: 4 MiB, so a round of 2 ranks stays in a core's L2
+_STAMP_BYTES = 16
+_ALIGN = 64
+
+
+def _global_rank(group: Any, group_rank: int) -> int:
+    return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+
+class SharedMemoryGroup:
+    """A shared-memory segment mapped by every rank of a process group (see the module docstring)."""
+
+    def __init__(self, buffer: torch.Tensor, group: Any, chunk_bytes: int) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.chunk_bytes = chunk_bytes
+        self._slot_bytes = chunk_bytes * self.world
+        self._buffer = buffer
+        self._views: dict[torch.dtype, tuple[list[torch.Tensor], torch.Tensor]] = {}
+        self._token = torch.zeros(1, dtype=torch.int32)
+        self.calls = {"all_reduce": 0, "all_gather": 0}  # how many went through the segment
+
+    @staticmethod
+    def size_bytes(world: int, chunk_bytes: int) -> int:
+        """The segment: one slot of world·chunk_bytes per rank, a result area of the same size, the stamp."""
+        return (world + 1) * world * chunk_bytes + _STAMP_BYTES
+
+    @classmethod
+    def attach(cls, group: Any = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+               directory: str = "/dev/shm") -> SharedMemoryGroup | None:
+        """Map one segment into every rank of ``group``; None on every rank when some rank cannot.
+
+        A collective: every rank of the group calls it, with the same arguments but ``directory``.
+        """
+        if chunk_bytes <= 0 or chunk_bytes % _ALIGN:
+            raise ValueError(f"chunk_bytes must be a positive multiple of {_ALIGN}, got {chunk_bytes}")
+        world = dist.get_world_size(group)
+        if world == 1:
+            return None
+        rank = dist.get_rank(group)
+        size = cls.size_bytes(world, chunk_bytes)
+        stamp = uuid.uuid4().bytes
+        path = ""
+        if rank == 0:
+            path = os.path.join(directory, f"ami-dist-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+            try:
+                descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+                try:
+                    os.ftruncate(descriptor, size)
+                    os.pwrite(descriptor, stamp, size - _STAMP_BYTES)
+                finally:
+                    os.close(descriptor)
+            except OSError:
+                path = ""
+        shared = [path, stamp]
+        dist.broadcast_object_list(shared, src=_global_rank(group, 0), group=group)
+        path, stamp = shared
+        buffer = None
+        if path:
+            try:
+                descriptor = os.open(path, os.O_RDWR)  # no O_CREAT: on another machine, the file is not there
+                os.close(descriptor)
+                buffer = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+                if bytes(buffer[size - _STAMP_BYTES:].tolist()) != stamp:
+                    buffer = None
+                else:
+                    buffer[: size - _STAMP_BYTES].zero_()  # fault the pages in now, not in the first step
+            except (OSError, RuntimeError):
+                buffer = None
+        mapped = torch.tensor([int(buffer is not None)], dtype=torch.int32)
+        dist.all_reduce(mapped, op=dist.ReduceOp.MIN, group=group)
+        if rank == 0 and path:
+            os.unlink(path)  # every rank has mapped it or given up; the mappings outlive the name
+        if not int(mapped):
+            return None
+        assert buffer is not None
+        return cls(buffer, group, chunk_bytes)
+
+    def barrier(self) -> None:
+        dist.all_reduce(self._token, group=self.group)
+
+    def _slots(self, dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Each rank's slot and the result area, as flat tensors of ``dtype``."""
+        if dtype not in self._views:
+            slot = self._slot_bytes
+            slots = [self._buffer[k * slot:(k + 1) * slot].view(dtype) for k in range(self.world)]
+            result = self._buffer[self.world * slot:(self.world + 1) * slot].view(dtype)
+            self._views[dtype] = (slots, result)
+        return self._views[dtype]
+
+    def all_reduce_(self, tensors: Sequence[torch.Tensor], divide_by: float | None = None) -> None:
+        """Sum ``tensors`` (contiguous, on CPU, one dtype) over the ranks, in place, as if concatenated.
+
+        The sum runs over the ranks in group order, and ``divide_by`` (if given) divides it afterwards.
+        """
+        flat = _flat_views(tensors)
+        self.calls["all_reduce"] += 1
+        if not flat:
+            return
+        slots, result = self._slots(flat[0].dtype)
+        chunk = self.chunk_bytes // flat[0].element_size()
+        per_round = chunk * self.world
+        starts = _starts(flat)
+        for offset in range(0, starts[-1], per_round):
+            count = min(per_round, starts[-1] - offset)
+            for piece, lo, hi in _pieces(flat, starts, offset, count):
+                slots[self.rank][lo:hi].copy_(piece)
+            self.barrier()
+            lo, hi = min(self.rank * chunk, count), min((self.rank + 1) * chunk, count)
+            if hi > lo:
+                total = result[lo:hi]
+                torch.add(slots[0][lo:hi], slots[1][lo:hi], out=total)
+                for k in range(2, self.world):
+                    total.add_(slots[k][lo:hi])
+                if divide_by is not None:
+                    total.div_(divide_by)
+            self.barrier()
+            for piece, lo, hi in _pieces(flat, starts, offset, count):
+                piece.copy_(result[lo:hi])
+
+    def all_gather_into(self, output: torch.Tensor, input_: torch.Tensor) -> None:
+        """``dist.all_gather_into_tensor``: rank k's ``input_`` lands in the k-th of ``world`` equal parts
+        of ``output`` (contiguous, on CPU). ``input_`` may be this rank's own part of ``output``."""
+        mine = input_.reshape(-1)
+        parts = output.view(-1).split(mine.numel())
+        if len(parts) != self.world or parts[-1].numel() != mine.numel():
+            raise ValueError(f"all-gather output of {output.numel()} elements is not {self.world} × the "
+                             f"input's {mine.numel()}")
+        self.calls["all_gather"] += 1
+        if parts[self.rank].data_ptr() != mine.data_ptr():
+            parts[self.rank].copy_(mine)
+        slots, _ = self._slots(mine.dtype)
+        per_round = self._slot_bytes // mine.element_size()
+        for offset in range(0, mine.numel(), per_round):
+            count = min(per_round, mine.numel() - offset)
+            slots[self.rank][:count].copy_(parts[self.rank][offset:offset + count])
+            self.barrier()
+            for k in range(self.world):
+                if k != self.rank:
+                    parts[k][offset:offset + count].copy_(slots[k][:count])
+            self.barrier()
+
+
+def _flat_views(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    flat = [t.view(-1) for t in tensors if t.numel()]
+    if flat and any(t.dtype != flat[0].dtype or t.device.type != "cpu" for t in flat):
+        raise ValueError("a shared-memory all-reduce takes CPU tensors of one dtype")
+    return flat
+
+
+def _starts(flat: list[torch.Tensor]) -> list[int]:
+    """Where each tensor starts in their concatenation, and (last) its length."""
+    starts = [0]
+    for t in flat:
+        starts.append(starts[-1] + t.numel())
+    return starts
+
+
+def _pieces(flat: list[torch.Tensor], starts: list[int], offset: int,
+            count: int) -> Iterator[tuple[torch.Tensor, int, int]]:
+    """The parts of the concatenation's elements [offset, offset + count), each as (a view into its
+    tensor, lo, hi): where it goes in a slot's [0, count)."""
+    index = bisect.bisect_right(starts, offset) - 1
+    end = offset + count
+    while index < len(flat) and starts[index] < end:
+        lo, hi = max(starts[index], offset), min(starts[index + 1], end)
+        yield flat[index][lo - starts[index]:hi - starts[index]], lo - offset, hi - offset
+        index += 1
