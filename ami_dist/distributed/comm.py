@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import functools
 import os
 import sys
 from collections.abc import Callable
@@ -12,8 +11,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from ami_dist.distributed.deepspeed_cpu import import_deepspeed
 from ami_dist.distributed.env import LaunchInfo, detect_launch, threads_per_rank
-from ami_dist.distributed.shm_collectives import SharedMemoryGroup
 from ami_dist.errors import UserError
 
 T = TypeVar("T")
@@ -88,199 +87,6 @@ class Comm:
         out: list[Any] | None = [None] * self.world_size if self.is_main else None
         dist.gather_object(obj, out, dst=0)
         return out
-
-
-def _no_shm_op() -> None:
-    return None
-
-
-def all_gather_by_broadcast(output: torch.Tensor, input_: torch.Tensor, group: Any = None) -> None:
-    """``dist.all_gather_into_tensor`` as one broadcast per rank, each from the rank that owns the slice.
-
-    Gloo's all-gather is slower than its all-reduce of twice the data: gathering ZeRO's 19M-parameter
-    LSTM (36 MB per rank) between 2 ranks takes 73-79 ms on the 2-core development machine, the two
-    broadcasts 37-41 ms and the all-reduce of all 72 MB 54-57 ms (benchmarks/gloo_collectives.py).
-    """
-    world = dist.get_world_size(group)
-    rank = dist.get_rank(group)
-    slices = output.view(-1).split(input_.numel())
-    if slices[rank].data_ptr() != input_.data_ptr():  # ZeRO passes its own slice of the output
-        slices[rank].copy_(input_.reshape(-1))
-    for owner in range(world):
-        source = owner if group is None else dist.get_global_rank(group, owner)
-        dist.broadcast(slices[owner], source, group=group)
-
-
-SHM_ENV = "AMI_DIST_SHM_COLLECTIVES"
-_shared_memory_groups: dict[Any, SharedMemoryGroup | None] = {}
-
-
-def shared_memory_group(group: Any = None) -> SharedMemoryGroup | None:
-    """The shared-memory segment of a gloo ``group`` whose ranks share a machine; None where they do
-    not, or where ``AMI_DIST_SHM_COLLECTIVES=0``. The first call for a group is a collective."""
-    key = dist.group.WORLD if group is None else group
-    if key not in _shared_memory_groups:
-        enabled = os.environ.get(SHM_ENV, "1") != "0"
-        _shared_memory_groups[key] = SharedMemoryGroup.attach(group) if enabled else None
-    return _shared_memory_groups[key]
-
-
-def _gloo_fast_all_gather(original: Callable[..., Any]) -> Callable[..., Any]:
-    def all_gather_into_tensor(self: Any, output_tensor: torch.Tensor, input_tensor: torch.Tensor,
-                               group: Any = None, async_op: bool = False) -> Any:
-        if (async_op or dist.get_backend(group) != "gloo" or not output_tensor.is_contiguous()
-                or output_tensor.device.type != "cpu"):
-            return original(self, output_tensor, input_tensor, group=group, async_op=async_op)
-        shm = shared_memory_group(group)
-        if shm is not None:
-            shm.all_gather_into(output_tensor, input_tensor)
-        else:
-            all_gather_by_broadcast(output_tensor, input_tensor, group)
-        return None
-
-    all_gather_into_tensor.ami_dist_patched = True  # type: ignore[attr-defined]
-    return all_gather_into_tensor
-
-
-def _shm_reduce_in_place(optimizer: Any, bucket: list[torch.Tensor], communication_data_type: torch.dtype,
-                         divide: bool, process_group: Any) -> bool:
-    """All-reduce a ZeRO-1/2 gradient bucket in place through shared memory; False (nothing done) where
-    the bucket or its group cannot go that way, or where DeepSpeed keeps float32 gradient partitions of a
-    lower-precision model (its ``output_bucket``: set on the owning rank only). Every rank decides alike:
-    the tests are on the configuration, the same on every rank."""
-    group = optimizer.dp_process_group if process_group is None else process_group
-    accumulation_dtype = getattr(optimizer, "gradient_accumulation_dtype", None)
-    eligible = (not optimizer.overlap_comm and optimizer.sequence_parallel_size == 1
-                and (accumulation_dtype != torch.float32 or accumulation_dtype == optimizer.dtype)
-                and dist.get_backend(group) == "gloo"
-                and all(t.device.type == "cpu" and t.dtype == communication_data_type and t.is_contiguous()
-                        for t in bucket))
-    shm = shared_memory_group(group) if eligible else None
-    if shm is None:
-        return False
-    average = divide and optimizer.gradient_average
-    shm.all_reduce_(bucket, divide_by=dist.get_world_size(group) if average else None)
-    return True
-
-
-def _shm_gradient_all_reduce(original: Callable[..., Any]) -> Callable[..., Any]:
-    """ZeRO-1/2's all-reduce of a gradient bucket (``allreduce_and_copy``), through shared memory where
-    the ranks share a machine.
-
-    DeepSpeed flattens the bucket's gradients into a new tensor, divides it, all-reduces it and copies
-    it back into the gradients: four passes over every gradient plus gloo's socket. The shared-memory
-    all-reduce reads the gradients in place, chunk by chunk, and writes the averaged sums back.
-    """
-
-    def allreduce_and_copy(self: Any, small_bucket: list[torch.Tensor], communication_data_type: torch.dtype,
-                           rank: int | None = None, log: Any = None, divide: bool = True,
-                           process_group: Any = None, output_bucket: list[Any] | None = None) -> Any:
-        if rank is not None or not _shm_reduce_in_place(self, small_bucket, communication_data_type, divide,
-                                                        process_group):
-            return original(self, small_bucket, communication_data_type, rank=rank, log=log, divide=divide,
-                            process_group=process_group, output_bucket=output_bucket)
-        return None
-
-    allreduce_and_copy.ami_dist_patched = True  # type: ignore[attr-defined]
-    return allreduce_and_copy
-
-
-def _shm_bucket_all_reduce(original: Callable[..., Any]) -> Callable[..., Any]:
-    """The same for the contiguous-gradients path (``allreduce_and_copy_with_multiple_ranks``), which
-    all-reduces a bucket of slices and keeps the result only in the slices this rank owns: the others
-    get the reduced values too, where DeepSpeed leaves them as they were; nothing reads them again."""
-
-    def allreduce_and_copy_with_multiple_ranks(self: Any, small_bucket: list[torch.Tensor],
-                                               communication_data_type: torch.dtype, log: Any = None,
-                                               divide: bool = True, process_group: Any = None,
-                                               bucket_ranks: list[Any] | None = None,
-                                               output_bucket: list[Any] | None = None) -> Any:
-        if not _shm_reduce_in_place(self, small_bucket, communication_data_type, divide, process_group):
-            return original(self, small_bucket, communication_data_type, log=log, divide=divide,
-                            process_group=process_group, bucket_ranks=bucket_ranks, output_bucket=output_bucket)
-        return None
-
-    allreduce_and_copy_with_multiple_ranks.ami_dist_patched = True  # type: ignore[attr-defined]
-    return allreduce_and_copy_with_multiple_ranks
-
-
-def _compile_on_first_call() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """A ``@torch.compile`` decorator that compiles when the function first runs, not when it is defined."""
-
-    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        compiled: list[Callable[..., Any]] = []
-
-        @functools.wraps(fn)
-        def run(*args: Any, **kwargs: Any) -> Any:
-            if not compiled:
-                compiled.append(torch.compile(fn))
-            return compiled[0](*args, **kwargs)
-
-        return run
-
-    return decorate
-
-
-def _import_muon_lazily() -> None:
-    """DeepSpeed's ZeRO optimizers import its Muon optimizer when they start, and Muon's module applies
-    ``@torch.compile`` to three functions as it is imported, which imports TorchDynamo, Inductor and
-    networkx: about 600 modules and 46 MB of resident memory in every rank, for an optimizer ami-dist
-    never uses. Imported here with the compilation deferred to the first call."""
-    from deepspeed.runtime import compiler
-
-    eager = compiler.compile
-    compiler.compile = _compile_on_first_call
-    try:
-        import deepspeed.runtime.zero.muon.original_muon  # noqa: F401
-    except ImportError:
-        pass
-    finally:
-        compiler.compile = eager
-
-
-def import_deepspeed() -> Any:
-    """DeepSpeed, with five things it does on CPU changed.
-
-    - Its autotuner imports MLflow when installed: about 120 MB of resident memory in every rank (only
-      rank 0 tracks, and it imports MLflow itself). Left out.
-    - Its communication backend JIT-builds and loads a shared-memory all-reduce op for its inference
-      path (training collectives go through torch.distributed), and every rank of a local launch then
-      leaves a 69 MB segment in /dev/shm that nothing removes. Left out.
-    - ZeRO-1/2 gather the updated weights after every step with gloo's all-gather, about twice
-      as slow as one broadcast per rank: on gloo, synchronous all-gathers go through shared memory
-      between ranks of one machine (shm_collectives) and become broadcasts between machines.
-    - ZeRO-1/2's gradient all-reduces go through shared memory between ranks of one machine, reading
-      and writing the gradients in place (_shm_gradient_all_reduce, _shm_bucket_all_reduce).
-    - Its ZeRO optimizers import its Muon optimizer, which compiles (and so imports the whole compiler
-      stack) as it is imported; the compilation waits for a first call (see _import_muon_lazily).
-    """
-    if "deepspeed" not in sys.modules:
-        block = "mlflow" not in sys.modules
-        if block:
-            sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError
-        try:
-            import deepspeed
-        finally:
-            if block and sys.modules.get("mlflow", 0) is None:
-                del sys.modules["mlflow"]
-    if "deepspeed.runtime.zero.muon.original_muon" not in sys.modules:
-        _import_muon_lazily()
-    import deepspeed.comm.torch  # noqa: F401  (the attribute deepspeed.comm.torch is PyTorch itself)
-
-    backend_module = sys.modules["deepspeed.comm.torch"]
-    backend_module.build_shm_op = _no_shm_op
-    backend = backend_module.TorchBackend
-    if not getattr(backend.all_gather_into_tensor, "ami_dist_patched", False):
-        backend.all_gather_into_tensor = _gloo_fast_all_gather(backend.all_gather_into_tensor)
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-    zero = DeepSpeedZeroOptimizer
-    if not getattr(zero.allreduce_and_copy, "ami_dist_patched", False):
-        zero.allreduce_and_copy = _shm_gradient_all_reduce(zero.allreduce_and_copy)
-    if not getattr(zero.allreduce_and_copy_with_multiple_ranks, "ami_dist_patched", False):
-        zero.allreduce_and_copy_with_multiple_ranks = _shm_bucket_all_reduce(
-            zero.allreduce_and_copy_with_multiple_ranks)
-    return sys.modules["deepspeed"]
 
 
 def init_distributed(timeout_s: int = 600, threads: int = 0) -> Comm:

@@ -86,7 +86,7 @@ def resolve_ds_config(preset: dict[str, Any], preset_path: str | Path, train: Tr
 
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, ds_config: dict[str, Any]) -> Any:
     """Wrap one network in its own DeepSpeed engine (own optimizer, scheduler and ZeRO partitioning)."""
-    from ami_dist.distributed.comm import import_deepspeed
+    from ami_dist.distributed.deepspeed_cpu import import_deepspeed
     from ami_dist.distributed.safe_load import use_safe_loading
 
     deepspeed = import_deepspeed()

@@ -13,7 +13,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from ami_dist.distributed.comm import import_deepspeed, shared_memory_group
+from ami_dist.distributed.deepspeed_cpu import import_deepspeed, shared_memory_group
 
 deepspeed = import_deepspeed()
 deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120), verbose=False)

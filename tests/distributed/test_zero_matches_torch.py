@@ -1,6 +1,7 @@
 """ZeRO-1/2 on 2 ranks (gloo) reach the weights plain PyTorch reaches with both ranks' batches, with the
 optimizer updating the model's own float32 storage (engines.share_master_weights), SGD and fused Adam; the
-gradients and weights going through shared memory (distributed/shm_collectives), and through gloo."""
+gradients and weights going through shared memory (distributed/shm_collectives), and through gloo; the
+clipping norm from float32 row norms (distributed/deepspeed_cpu.sum_of_squares)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import subprocess
 
 import pytest
 
-from ami_dist.distributed.comm import SHM_ENV
+from ami_dist.distributed.deepspeed_cpu import SHM_ENV
 from tests.conftest import PYTHON, ROOT, subprocess_env
 
 pytestmark = pytest.mark.distributed
@@ -30,8 +31,10 @@ def test_zero_training_equals_plain_torch_on_the_whole_batch(stage: int, optimiz
     assert sorted(r["rank"] for r in results) == [0, 1]
     for r in results:
         assert r["moved"] > 1e-2  # the steps did change the weights
+        assert r["clipped_steps"] > 0, "no step was clipped: the norm went untested"
         assert r["max_abs_diff"] < 1e-6, r
         assert r["master_shares_model_storage"], "ZeRO keeps a second float32 copy of the weights"
+        assert r["blockwise_norm"], "ZeRO's gradient norm is DeepSpeed's float64 one"
         if shm:  # every step's gradient all-reduce and weight all-gather
             assert r["shared_memory_calls"] == {"all_reduce": 4, "all_gather": 4}, r
         else:

@@ -16,7 +16,7 @@ import torch
 from ami_dist.config.schema import OptimConfig, TrainConfig
 from ami_dist.data.batching import make_batch
 from ami_dist.distributed import build_engine, init_distributed, load_preset, resolve_ds_config
-from ami_dist.distributed.comm import shared_memory_group
+from ami_dist.distributed.deepspeed_cpu import shared_memory_group
 from ami_dist.models import ModelConfig, build_model
 from ami_dist.training.losses import token_nll
 from ami_dist.training.optim import build_optimizer
@@ -41,7 +41,7 @@ def loss_of(model, b) -> torch.Tensor:
 def main(preset: str, optimizer_name: str) -> None:
     comm = init_distributed(60, 1)
     model_cfg = ModelConfig(emb_dim=16, hidden_size=16, enc_layers=1, dec_layers=1, dropout=0.0)
-    optim_cfg = OptimConfig(name=optimizer_name, lr=0.5 if optimizer_name == "sgd" else 0.01, max_grad_norm=0.5)
+    optim_cfg = OptimConfig(name=optimizer_name, lr=0.5 if optimizer_name == "sgd" else 0.01, max_grad_norm=0.1)
     torch.manual_seed(3)
     model = build_model(model_cfg, VOCAB, PAD)
     reference = copy.deepcopy(model)
@@ -53,11 +53,12 @@ def main(preset: str, optimizer_name: str) -> None:
     master = engine.optimizer.single_partition_of_fp32_groups[0]
     flat = engine.optimizer.bit16_groups_flat[0]
     shared = flat.data_ptr() <= master.data_ptr() < flat.data_ptr() + flat.numel() * flat.element_size()
+    norms = []
     for step in range(STEPS):
         engine.backward(loss_of(engine, batch(step, comm.rank)))
         engine.step()
         ((loss_of(reference, batch(step, 0)) + loss_of(reference, batch(step, 1))) / 2).backward()
-        torch.nn.utils.clip_grad_norm_(reference.parameters(), optim_cfg.max_grad_norm)
+        norms.append(torch.nn.utils.clip_grad_norm_(reference.parameters(), optim_cfg.max_grad_norm).item())
         ref_opt.step()
         ref_sched.step()
         ref_opt.zero_grad(set_to_none=True)
@@ -66,7 +67,9 @@ def main(preset: str, optimizer_name: str) -> None:
     moved = max((p - q).abs().max().item() for p, q in zip(reference.parameters(), initial, strict=True))
     shm = shared_memory_group(engine.optimizer.dp_process_group)
     result = {"rank": comm.rank, "max_abs_diff": worst, "master_shares_model_storage": shared, "moved": moved,
-              "shared_memory_calls": shm.calls if shm is not None else None}
+              "clipped_steps": sum(n > optim_cfg.max_grad_norm for n in norms),
+              "shared_memory_calls": shm.calls if shm is not None else None,
+              "blockwise_norm": getattr(type(engine.optimizer).get_grad_norm_direct, "ami_dist_patched", False)}
     sys.stdout.write(json.dumps(result) + "\n")  # one write: the ranks share the pipe
     sys.stdout.flush()
 
