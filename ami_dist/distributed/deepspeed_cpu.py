@@ -72,10 +72,10 @@ def _gloo_fast_all_gather(original: Callable[..., Any]) -> Callable[..., Any]:
 
 def _shm_reduce_in_place(optimizer: Any, bucket: list[torch.Tensor], communication_data_type: torch.dtype,
                          divide: bool, process_group: Any) -> bool:
-    """All-reduce a ZeRO-1/2 gradient bucket in place through shared memory; False (nothing done) where
-    the bucket or its group cannot go that way, or where DeepSpeed keeps float32 gradient partitions of a
-    lower-precision model (its ``output_bucket``: set on the owning rank only). Every rank decides alike:
-    the tests are on the configuration, the same on every rank."""
+    """All-reduce a ZeRO-1/2 gradient bucket in place through shared memory, or not at all on one rank;
+    False (nothing done) where the bucket or its group cannot go that way, or where DeepSpeed keeps
+    float32 gradient partitions of a lower-precision model (its ``output_bucket``: set on the owning rank
+    only). Every rank decides alike: the tests are on the configuration, the same on every rank."""
     group = optimizer.dp_process_group if process_group is None else process_group
     accumulation_dtype = getattr(optimizer, "gradient_accumulation_dtype", None)
     eligible = (not optimizer.overlap_comm and optimizer.sequence_parallel_size == 1
@@ -83,11 +83,16 @@ def _shm_reduce_in_place(optimizer: Any, bucket: list[torch.Tensor], communicati
                 and dist.get_backend(group) == "gloo"
                 and all(t.device.type == "cpu" and t.dtype == communication_data_type and t.is_contiguous()
                         for t in bucket))
-    shm = shared_memory_group(group) if eligible else None
+    if not eligible:
+        return False
+    world = dist.get_world_size(group)
+    if world == 1:
+        return True  # the sum over one rank is its own gradients, and their average divides by 1
+    shm = shared_memory_group(group)
     if shm is None:
         return False
     average = divide and optimizer.gradient_average
-    shm.all_reduce_(bucket, divide_by=dist.get_world_size(group) if average else None)
+    shm.all_reduce_(bucket, divide_by=world if average else None)
     return True
 
 
@@ -96,8 +101,9 @@ def _shm_gradient_all_reduce(original: Callable[..., Any]) -> Callable[..., Any]
     the ranks share a machine.
 
     DeepSpeed flattens the bucket's gradients into a new tensor, divides it, all-reduces it and copies
-    it back into the gradients: four passes over every gradient plus gloo's socket. The shared-memory
-    all-reduce reads the gradients in place, chunk by chunk, and writes the averaged sums back.
+    it back into the gradients: four passes over every gradient plus gloo's socket (on 1 rank too, where
+    it is 64 ms of the dialog LSTM's step for nothing). The shared-memory all-reduce reads the gradients
+    in place, chunk by chunk, and writes the averaged sums back; 1 rank skips it.
     """
 
     def allreduce_and_copy(self: Any, small_bucket: list[torch.Tensor], communication_data_type: torch.dtype,
@@ -222,7 +228,8 @@ def import_deepspeed() -> Any:
       as slow as one broadcast per rank: on gloo, synchronous all-gathers go through shared memory
       between ranks of one machine (shm_collectives) and become broadcasts between machines.
     - ZeRO-1/2's gradient all-reduces go through shared memory between ranks of one machine, reading
-      and writing the gradients in place (_shm_gradient_all_reduce, _shm_bucket_all_reduce).
+      and writing the gradients in place, and are skipped on one rank (_shm_gradient_all_reduce,
+      _shm_bucket_all_reduce).
     - ZeRO-1/2's gradient norm converts every gradient to float64 first; it is accumulated in float64
       from float32 row norms instead (_blockwise_grad_norm).
     - Its ZeRO optimizers import its Muon optimizer, which compiles (and so imports the whole compiler
