@@ -86,14 +86,15 @@ def resolve_ds_config(preset: dict[str, Any], preset_path: str | Path, train: Tr
 
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, ds_config: dict[str, Any]) -> Any:
     """Wrap one network in its own DeepSpeed engine (own optimizer, scheduler and ZeRO partitioning)."""
-    from ami_dist.distributed.deepspeed_cpu import import_deepspeed
+    from ami_dist.distributed.deepspeed_cpu import import_deepspeed, release_gradients_when_flattened
     from ami_dist.distributed.safe_load import use_safe_loading
 
     deepspeed = import_deepspeed()
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
-    share_master_weights(engine.optimizer)
+    if share_master_weights(engine.optimizer):
+        release_gradients_when_flattened(engine.optimizer)
     use_safe_loading(engine)  # its checkpoints are read with weights_only=True
     return engine
 

@@ -51,9 +51,10 @@ def main(preset: str, optimizer_name: str) -> None:
     world = comm.world_size
     ds_config = resolve_ds_config(load_preset(preset), preset, TrainConfig(batch_size=6 * world), optim_cfg, world)
     engine = build_engine(model, opt, sched, ds_config)
-    flattened = []  # DeepSpeed's own gradient all-reduce flattens the bucket; ami-dist's does not
-    flatten = engine.optimizer.flatten
-    engine.optimizer.flatten = lambda tensors: flattened.append(len(tensors)) or flatten(tensors)
+    reduced = []  # buckets all-reduced DeepSpeed's way (flattened, through gloo), not ami-dist's
+    allreduce_bucket = engine.optimizer.allreduce_bucket
+    engine.optimizer.allreduce_bucket = lambda bucket, *a, **k: reduced.append(len(bucket)) or allreduce_bucket(
+        bucket, *a, **k)
     master = engine.optimizer.single_partition_of_fp32_groups[0]
     flat = engine.optimizer.bit16_groups_flat[0]
     shared = flat.data_ptr() <= master.data_ptr() < flat.data_ptr() + flat.numel() * flat.element_size()
@@ -70,11 +71,13 @@ def main(preset: str, optimizer_name: str) -> None:
     worst = max((ours[n] - p).abs().max().item() for n, p in reference.named_parameters())
     moved = max((p - q).abs().max().item() for p, q in zip(reference.parameters(), initial, strict=True))
     shm = shared_memory_group(engine.optimizer.dp_process_group)
+    aligned_flatten = engine.optimizer.flatten_dense_tensors_aligned
     result = {"rank": comm.rank, "max_abs_diff": worst, "master_shares_model_storage": shared, "moved": moved,
               "clipped_steps": sum(n > optim_cfg.max_grad_norm for n in norms),
-              "flattened_buckets": len(flattened),
+              "deepspeed_bucket_reductions": len(reduced),
               "shared_memory_calls": shm.calls if shm is not None else None,
-              "blockwise_norm": getattr(type(engine.optimizer).get_grad_norm_direct, "ami_dist_patched", False)}
+              "blockwise_norm": getattr(type(engine.optimizer).get_grad_norm_direct, "ami_dist_patched", False),
+              "releasing_flatten": aligned_flatten.__name__ == "flatten_gradients_aligned"}
     sys.stdout.write(json.dumps(result) + "\n")  # one write: the ranks share the pipe
     sys.stdout.flush()
 

@@ -1,5 +1,6 @@
-"""ZeRO's gradient norm on CPU (distributed/deepspeed_cpu.sum_of_squares): float64 accuracy without a
-float64 copy. Its use inside ZeRO is checked against plain PyTorch's clipping in test_zero_matches_torch."""
+"""ZeRO's step on CPU (distributed/deepspeed_cpu): the gradient norm with float64 accuracy without a float64
+copy, and the flattening of the gradients that frees them as it goes. Both run inside ZeRO in
+test_zero_matches_torch, against plain PyTorch's clipping and updates."""
 
 from __future__ import annotations
 
@@ -26,3 +27,20 @@ def test_sum_of_squares_is_more_accurate_than_a_float32_norm() -> None:
     plain = abs(torch.linalg.vector_norm(grad).double().square().item() - want) / want
     assert row_wise < 1e-6
     assert row_wise < plain / 10, (row_wise, plain)
+
+
+def test_flatten_releasing_concatenates_pads_and_lets_go_of_each_input() -> None:
+    """ZeRO's step flattens the gradients for the optimizer; ami-dist's flatten frees each as it goes."""
+    import weakref
+
+    from ami_dist.distributed.deepspeed_cpu import flatten_releasing
+
+    tensors = [torch.randn(3, 4), torch.randn(5), torch.randn(2, 2, 2)]
+    want = torch.cat([t.reshape(-1) for t in tensors] + [torch.zeros(4)])
+    shapes = [t.shape for t in tensors]
+    alive = [weakref.ref(t) for t in tensors]
+    got = flatten_releasing(tensors, want.numel())
+    assert torch.equal(got, want)
+    assert [t.shape for t in tensors] == shapes
+    assert all(got.data_ptr() <= t.data_ptr() < got.data_ptr() + got.numel() * 4 for t in tensors)
+    assert [ref() for ref in alive] == [None, None, None]  # the list held them; nothing does now
