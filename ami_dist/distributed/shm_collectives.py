@@ -5,15 +5,17 @@ process and into the other, and gloo reduces it in between. Between ranks that s
 mapped into every rank does the same with plain memory copies. The data goes through in chunks that stay in
 cache, and a barrier (a one-element gloo all-reduce, ~0.15 ms) separates writing a chunk from reading it.
 
-One round of the all-reduce, for ranks 0..W-1 and chunks of C elements:
+One round of the all-reduce, for ranks 0..W-1 and chunks of C elements (rank r's chunk: the elements
+[r·C, (r+1)·C) of the round's W·C):
 
-    every rank copies the next W·C elements of its tensors into its own slot         barrier
-    rank r adds up element range [r·C, (r+1)·C) of every slot into the result area  barrier
-    every rank copies the result area back into its tensors
+    every rank copies the round's elements of its tensors but its own chunk into its own slot   barrier
+    rank r adds up its chunk of its tensors and of every other slot into the result area,
+      and copies the sum into its tensors                                                          barrier
+    every rank copies the other ranks' chunks of the result area into its tensors
 
-so each rank reads and writes its data about three times and sums 1/W of it, where gloo sends all of it
-through the socket twice. On the 2-core development machine, 19M float32 between 2 ranks: gloo 56-64 ms,
-this 37 ms; see benchmarks/gloo_collectives.py.
+so each rank reads and writes its data about twice and sums 1/W of it, where gloo sends all of it
+through the socket twice. On the 2-core development machine, 19M float32 between 2 ranks: gloo 60-69 ms,
+this 31-34 ms; see benchmarks/gloo_collectives.py.
 
 The ranks must agree on every call (same sizes, same order), as for any collective. Whether a group can
 use the segment is decided once, collectively, by :meth:`SharedMemoryGroup.attach`: rank 0 creates a file
@@ -139,20 +141,26 @@ class SharedMemoryGroup:
         starts = _starts(flat)
         for offset in range(0, starts[-1], per_round):
             count = min(per_round, starts[-1] - offset)
+            mine = (min(self.rank * chunk, count), min((self.rank + 1) * chunk, count))
+            # The others need every part of this rank's tensors but the one it sums itself.
             for piece, lo, hi in _pieces(flat, starts, offset, count):
-                slots[self.rank][lo:hi].copy_(piece)
+                for a, b in _outside(lo, hi, *mine):
+                    slots[self.rank][a:b].copy_(piece[a - lo:b - lo])
             self.barrier()
-            lo, hi = min(self.rank * chunk, count), min((self.rank + 1) * chunk, count)
-            if hi > lo:
+            for piece, lo, hi in _pieces(flat, starts, offset + mine[0], mine[1] - mine[0]):
+                lo, hi = lo + mine[0], hi + mine[0]
+                operands = [piece if k == self.rank else slots[k][lo:hi] for k in range(self.world)]
                 total = result[lo:hi]
-                torch.add(slots[0][lo:hi], slots[1][lo:hi], out=total)
-                for k in range(2, self.world):
-                    total.add_(slots[k][lo:hi])
+                torch.add(operands[0], operands[1], out=total)
+                for operand in operands[2:]:
+                    total.add_(operand)
                 if divide_by is not None:
                     total.div_(divide_by)
+                piece.copy_(total)
             self.barrier()
             for piece, lo, hi in _pieces(flat, starts, offset, count):
-                piece.copy_(result[lo:hi])
+                for a, b in _outside(lo, hi, *mine):
+                    piece[a - lo:b - lo].copy_(result[a:b])
 
     def all_gather_into(self, output: torch.Tensor, input_: torch.Tensor) -> None:
         """``dist.all_gather_into_tensor``: rank k's ``input_`` lands in the k-th of ``world`` equal parts
@@ -190,6 +198,14 @@ def _starts(flat: list[torch.Tensor]) -> list[int]:
     for t in flat:
         starts.append(starts[-1] + t.numel())
     return starts
+
+
+def _outside(lo: int, hi: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The parts of [lo, hi) before ``start`` and after ``end``."""
+    if min(hi, start) > lo:
+        yield lo, min(hi, start)
+    if hi > max(lo, end):
+        yield max(lo, end), hi
 
 
 def _pieces(flat: list[torch.Tensor], starts: list[int], offset: int,
