@@ -27,6 +27,7 @@ later). A rank on another machine does not find the file, so the group falls bac
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator, Sequence
@@ -37,7 +38,42 @@ import torch.distributed as dist
 
 DEFAULT_CHUNK_BYTES = 4 << 20  # per rank and round: 4 MiB, so a round of 2 ranks stays in a core's L2
 _STAMP_BYTES = 16
+_PREFIX = "ami-dist-"
 _ALIGN = 64
+
+
+def _map(path: str, stamp: bytes, size: int) -> torch.Tensor | None:
+    """The segment at ``path``, mapped, if it is there and carries ``stamp``; its pages faulted in."""
+    try:
+        descriptor = os.open(path, os.O_RDWR)  # no O_CREAT: on another machine, the file is not there
+        os.close(descriptor)
+        buffer = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+    except (OSError, RuntimeError):
+        return None
+    if bytes(buffer[size - _STAMP_BYTES:].tolist()) != stamp:
+        return None
+    buffer[: size - _STAMP_BYTES].zero_()  # now, rather than in the first step
+    return buffer
+
+
+def _remove_orphans(directory: str) -> None:
+    """Remove segments whose creator is gone: rank 0 unlinks its segment once every rank has mapped it,
+    so one is left only where rank 0 was killed in between. A live creator's segment is left alone."""
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        creator = name[len(_PREFIX):].split("-", 1)[0]
+        if not creator.isdigit():
+            continue
+        try:
+            os.kill(int(creator), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass  # alive, someone else's
 
 
 def _global_rank(group: Any, group_rank: int) -> int:
@@ -80,7 +116,8 @@ class SharedMemoryGroup:
         stamp = uuid.uuid4().bytes
         path = ""
         if rank == 0:
-            path = os.path.join(directory, f"ami-dist-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+            _remove_orphans(directory)
+            path = os.path.join(directory, f"{_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}")
             try:
                 descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
                 try:
@@ -90,25 +127,15 @@ class SharedMemoryGroup:
                     os.close(descriptor)
             except OSError:
                 path = ""
-        shared = [path, stamp]
-        dist.broadcast_object_list(shared, src=_global_rank(group, 0), group=group)
-        path, stamp = shared
-        buffer = None
-        if path:
-            try:
-                descriptor = os.open(path, os.O_RDWR)  # no O_CREAT: on another machine, the file is not there
-                os.close(descriptor)
-                buffer = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
-                if bytes(buffer[size - _STAMP_BYTES:].tolist()) != stamp:
-                    buffer = None
-                else:
-                    buffer[: size - _STAMP_BYTES].zero_()  # fault the pages in now, not in the first step
-            except (OSError, RuntimeError):
-                buffer = None
-        mapped = torch.tensor([int(buffer is not None)], dtype=torch.int32)
-        dist.all_reduce(mapped, op=dist.ReduceOp.MIN, group=group)
-        if rank == 0 and path:
-            os.unlink(path)  # every rank has mapped it or given up; the mappings outlive the name
+        try:
+            shared = [path, stamp]
+            dist.broadcast_object_list(shared, src=_global_rank(group, 0), group=group)
+            buffer = _map(shared[0], shared[1], size) if shared[0] else None
+            mapped = torch.tensor([int(buffer is not None)], dtype=torch.int32)
+            dist.all_reduce(mapped, op=dist.ReduceOp.MIN, group=group)
+        finally:  # every rank has mapped it or given up (or a rank died): the mappings outlive the name
+            if rank == 0 and path:
+                os.unlink(path)
         if not int(mapped):
             return None
         assert buffer is not None
