@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ami_dist.distributed.shm_collectives import SharedMemoryGroup
+from ami_dist.distributed.shm_collectives import SharedMemoryGroup, global_rank
 
 
 def _no_shm_op() -> None:
@@ -35,8 +35,7 @@ def all_gather_by_broadcast(output: torch.Tensor, input_: torch.Tensor, group: A
     if slices[rank].data_ptr() != input_.data_ptr():  # ZeRO passes its own slice of the output
         slices[rank].copy_(input_.reshape(-1))
     for owner in range(world):
-        source = owner if group is None else dist.get_global_rank(group, owner)
-        dist.broadcast(slices[owner], source, group=group)
+        dist.broadcast(slices[owner], global_rank(group, owner), group=group)
 
 
 SHM_ENV = "AMI_DIST_SHM_COLLECTIVES"
