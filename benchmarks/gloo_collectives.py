@@ -4,7 +4,8 @@ ZeRO-1/2 all-reduce the gradients and gather every rank's slice of the updated w
 step. Launched on 2 local ranks with 1 thread each (as the 2-rank training benchmark runs), this times, on
 a buffer the size of the dialog LSTM's weights: gloo's all_gather_into_tensor against ami-dist's
 all_gather_by_broadcast (between machines) and its shared-memory all-gather (ranks of one machine), and
-gloo's all_reduce against the shared-memory all-reduce. Each result is checked against gloo's.
+gloo's all_reduce against the shared-memory all-reduce, and that against its reduce-scatter
+(each rank summing only its own share, which is all ZeRO-2 needs). Each result is checked against gloo's.
 
 Usage: python benchmarks/gloo_collectives.py [--numel 19000000] [--repeats 7] [--ranks 2]
 """
@@ -66,6 +67,10 @@ def worker(numel: int, repeats: int) -> None:
     reduce = timed(lambda: dist.all_reduce(fresh), setup=lambda: fresh.copy_(grads))
     shm_reduce = timed(lambda: shm.all_reduce_([fresh]), setup=lambda: fresh.copy_(grads))
     check(fresh, summed, "the shared-memory all-reduce")
+    # ZeRO-2 needs the sum only of the rank's own partition: each rank's share is one W-th of the buffer.
+    shares = [list(fresh.split(share))[k:k + 1] for k in range(world)]
+    shm_scatter = timed(lambda: shm.reduce_scatter_(shares), setup=lambda: fresh.copy_(grads))
+    check(shares[rank][0], summed.split(share)[rank], "the shared-memory reduce-scatter")
     if rank == 0:
         mb = share * 4 / 2**20
         print(f"{world} ranks, {mb:.0f} MB per rank ({share * world:,} float32), median of {repeats - 1} calls")
@@ -74,6 +79,8 @@ def worker(numel: int, repeats: int) -> None:
         print(f"  shared-memory all-gather      {shm_gather:7.1f} ms   {gloo / shm_gather:.2f}x faster than gloo's")
         print(f"  gloo all_reduce of the whole  {reduce:7.1f} ms   (the gradients)")
         print(f"  shared-memory all-reduce      {shm_reduce:7.1f} ms   {reduce / shm_reduce:.2f}x faster than gloo's")
+        print(f"  shared-memory reduce-scatter  {shm_scatter:7.1f} ms   {shm_reduce / shm_scatter:.2f}x faster "
+              "than the shared-memory all-reduce (ZeRO-2's own partition)")
     dist.destroy_process_group()
 
 

@@ -86,7 +86,11 @@ def resolve_ds_config(preset: dict[str, Any], preset_path: str | Path, train: Tr
 
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, ds_config: dict[str, Any]) -> Any:
     """Wrap one network in its own DeepSpeed engine (own optimizer, scheduler and ZeRO partitioning)."""
-    from ami_dist.distributed.deepspeed_cpu import import_deepspeed, release_gradients_when_flattened
+    from ami_dist.distributed.deepspeed_cpu import (
+        import_deepspeed,
+        release_gradients_when_flattened,
+        share_weights_between_ranks,
+    )
     from ami_dist.distributed.safe_load import use_safe_loading
 
     deepspeed = import_deepspeed()
@@ -95,6 +99,7 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
                                            config=ds_config, dist_init_required=False)
     if share_master_weights(engine.optimizer):
         release_gradients_when_flattened(engine.optimizer)
+        share_weights_between_ranks(engine.optimizer)
     use_safe_loading(engine)  # its checkpoints are read with weights_only=True
     return engine
 

@@ -1,4 +1,4 @@
-"""All-reduce and all-gather between the ranks of one machine through a shared-memory segment.
+"""All-reduce, reduce-scatter and all-gather between the ranks of one machine through a shared-memory segment.
 
 On CPU, every byte of a gloo collective goes through a loopback TCP socket: the kernel copies it out of one
 process and into the other, and gloo reduces it in between. Between ranks that share a machine, a segment
@@ -15,7 +15,12 @@ One round of the all-reduce, for ranks 0..W-1 and chunks of C elements (rank r's
 
 so each rank reads and writes its data about twice and sums 1/W of it, where gloo sends all of it
 through the socket twice. On the 2-core development machine, 19M float32 between 2 ranks: gloo 60-69 ms,
-this 31-34 ms; see benchmarks/gloo_collectives.py.
+this 31-34 ms; see benchmarks/gloo_collectives.py. Where each rank needs only the sums of its own share
+(ZeRO-2's gradients), the reduce-scatter skips the last step and half the copies (30M float32: 28-31 ms
+against the all-reduce's 47-54).
+
+:func:`shared_tensor` maps a tensor into every rank of a group the same way, for data that all of them
+read and each writes a part of (ZeRO's flat weights, see deepspeed_cpu.share_weights_between_ranks).
 
 The ranks must agree on every call (same sizes, same order), as for any collective. Whether a group can
 use the segment is decided once, collectively, by :meth:`SharedMemoryGroup.attach`: rank 0 creates a file
@@ -77,6 +82,48 @@ def _remove_orphans(directory: str) -> None:
             pass  # alive, someone else's
 
 
+def _attach_segment(group: Any, size: int, directory: str) -> torch.Tensor | None:
+    """``size`` bytes of shared memory mapped into every rank of ``group`` (zeroed, the last _STAMP_BYTES
+    excepted), or None on every rank when some rank cannot map it (see the module docstring). A collective."""
+    rank = dist.get_rank(group)
+    stamp = uuid.uuid4().bytes
+    path = ""
+    if rank == 0:
+        _remove_orphans(directory)
+        path = os.path.join(directory, f"{_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            try:
+                os.ftruncate(descriptor, size)
+                os.pwrite(descriptor, stamp, size - _STAMP_BYTES)
+            finally:
+                os.close(descriptor)
+        except OSError:
+            path = ""
+    try:
+        shared = [path, stamp]
+        dist.broadcast_object_list(shared, src=global_rank(group, 0), group=group)
+        buffer = _map(shared[0], shared[1], size) if shared[0] else None
+        mapped = torch.tensor([int(buffer is not None)], dtype=torch.int32)
+        dist.all_reduce(mapped, op=dist.ReduceOp.MIN, group=group)
+    finally:  # every rank has mapped it or given up (or a rank died): the mappings outlive the name
+        if rank == 0 and path:
+            os.unlink(path)
+    return buffer if int(mapped) else None
+
+
+def shared_tensor(group: Any, numel: int, dtype: torch.dtype, directory: str = "/dev/shm") -> torch.Tensor | None:
+    """A zeroed 1-D tensor of ``numel`` elements that every rank of ``group`` maps: what one rank writes,
+    the others read. None on every rank where some rank cannot map it (as on another machine), or for a
+    group of one. A collective: every rank calls it with the same arguments but ``directory``."""
+    if dist.get_world_size(group) == 1:
+        return None
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    size = -(-nbytes // _ALIGN) * _ALIGN + _STAMP_BYTES
+    buffer = _attach_segment(group, size, directory)
+    return None if buffer is None else buffer[:nbytes].view(dtype)
+
+
 def global_rank(group: Any, group_rank: int) -> int:
     """The global rank of ``group``'s rank ``group_rank`` (None: the world, where the two are the same)."""
     return group_rank if group is None else dist.get_global_rank(group, group_rank)
@@ -94,7 +141,7 @@ class SharedMemoryGroup:
         self._buffer = buffer
         self._views: dict[torch.dtype, tuple[list[torch.Tensor], torch.Tensor]] = {}
         self._token = torch.zeros(1, dtype=torch.int32)
-        self.calls = {"all_reduce": 0, "all_gather": 0}  # how many went through the segment
+        self.calls = {"all_reduce": 0, "reduce_scatter": 0, "all_gather": 0}  # how many went through the segment
 
     @staticmethod
     def size_bytes(world: int, chunk_bytes: int) -> int:
@@ -113,35 +160,8 @@ class SharedMemoryGroup:
         world = dist.get_world_size(group)
         if world == 1:
             return None
-        rank = dist.get_rank(group)
-        size = cls.size_bytes(world, chunk_bytes)
-        stamp = uuid.uuid4().bytes
-        path = ""
-        if rank == 0:
-            _remove_orphans(directory)
-            path = os.path.join(directory, f"{_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}")
-            try:
-                descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-                try:
-                    os.ftruncate(descriptor, size)
-                    os.pwrite(descriptor, stamp, size - _STAMP_BYTES)
-                finally:
-                    os.close(descriptor)
-            except OSError:
-                path = ""
-        try:
-            shared = [path, stamp]
-            dist.broadcast_object_list(shared, src=global_rank(group, 0), group=group)
-            buffer = _map(shared[0], shared[1], size) if shared[0] else None
-            mapped = torch.tensor([int(buffer is not None)], dtype=torch.int32)
-            dist.all_reduce(mapped, op=dist.ReduceOp.MIN, group=group)
-        finally:  # every rank has mapped it or given up (or a rank died): the mappings outlive the name
-            if rank == 0 and path:
-                os.unlink(path)
-        if not int(mapped):
-            return None
-        assert buffer is not None
-        return cls(buffer, group, chunk_bytes)
+        buffer = _attach_segment(group, cls.size_bytes(world, chunk_bytes), directory)
+        return None if buffer is None else cls(buffer, group, chunk_bytes)
 
     def barrier(self) -> None:
         dist.all_reduce(self._token, group=self.group)
@@ -190,6 +210,58 @@ class SharedMemoryGroup:
             for piece, lo, hi in _pieces(flat, starts, offset, count):
                 for a, b in _outside(lo, hi, *mine):
                     piece[a - lo:b - lo].copy_(result[a:b])
+
+    def reduce_scatter_(self, shares: Sequence[Sequence[torch.Tensor]], divide_by: float | None = None) -> None:
+        """Sum each rank's share over the ranks, in place, where that rank alone needs the sum.
+
+        ``shares[k]`` are the tensors (contiguous, on CPU, one dtype) whose sum rank k needs, as if
+        concatenated; every rank passes the same sizes. On return this rank's own share holds the sum over
+        the ranks, in group order (as :meth:`all_reduce_` computes it, bit for bit), divided by
+        ``divide_by`` if given; the other shares are left as they were.
+
+        Each round, every rank copies the next C elements of every other rank's share into its slot, and
+        after a barrier each rank adds its own next C elements and the others' copies of them. The slots
+        alternate between two halves from round to round, so a rank may write the next round while another
+        still reads this one: one barrier per round. Half the traffic of the all-reduce, whose second half
+        brings every rank the sums that only their owners use.
+        """
+        if len(shares) != self.world:
+            raise ValueError(f"a reduce-scatter takes one share per rank ({self.world}), got {len(shares)}")
+        flats = [_flat_views(share) for share in shares]
+        present = [f[0] for f in flats if f]
+        if any(t.dtype != present[0].dtype for t in present):
+            raise ValueError("a shared-memory reduce-scatter takes tensors of one dtype")
+        self.calls["reduce_scatter"] += 1
+        if not present:
+            return
+        starts = [_starts(f) for f in flats]
+        slots, _ = self._slots(present[0].dtype)
+        region = self.chunk_bytes // 2 // present[0].element_size()  # per rank, round and half of a slot
+        half = region * self.world
+        own = self.rank
+        for round_index, offset in enumerate(range(0, max(s[-1] for s in starts), region)):
+            base = (round_index % 2) * half
+            for k in range(self.world):
+                if k != own:
+                    count = max(0, min(region, starts[k][-1] - offset))
+                    for piece, lo, hi in _pieces(flats[k], starts[k], offset, count):
+                        slots[own][base + k * region + lo:base + k * region + hi].copy_(piece)
+            self.barrier()
+            count = max(0, min(region, starts[own][-1] - offset))
+            for piece, lo, hi in _pieces(flats[own], starts[own], offset, count):
+                at = base + own * region
+                operands = [piece if k == own else slots[k][at + lo:at + hi] for k in range(self.world)]
+                # Ranks 0 and 1 sum into their gradients; from rank 2 on, that would overwrite an operand
+                # before adding it, so the sum goes through the rank's own (unused) region of its slot.
+                total = piece if own < 2 else slots[own][at + lo:at + hi]
+                torch.add(operands[0], operands[1], out=total)
+                for operand in operands[2:]:
+                    total.add_(operand)
+                if divide_by is not None:
+                    total.div_(divide_by)
+                if total is not piece:
+                    piece.copy_(total)
+        self.barrier()  # the next collective writes the slots again
 
     def all_gather_into(self, output: torch.Tensor, input_: torch.Tensor) -> None:
         """``dist.all_gather_into_tensor``: rank k's ``input_`` lands in the k-th of ``world`` equal parts

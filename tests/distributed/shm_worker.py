@@ -1,6 +1,7 @@
-"""Worker for test_shm_collectives: the shared-memory all-reduce and all-gather (distributed/shm_collectives)
-against results each rank can work out from every rank's inputs, over many small rounds, on the world and
-on a subgroup of non-consecutive ranks; and every rank falling back together when one cannot map the segment.
+"""Worker for test_shm_collectives: the shared-memory all-reduce, reduce-scatter and all-gather
+(distributed/shm_collectives) against results each rank can work out from every rank's inputs, over many
+small rounds, on the world and on a subgroup of non-consecutive ranks; and every rank falling back together
+when one cannot map the segment.
 
 Run by the test under torchrun with 3 ranks: ``shm_worker.py DIRECTORY``; prints "ok <rank>" when every
 check holds, and exits with a message at the first that does not.
@@ -27,6 +28,13 @@ def inputs(rank: int, dtype: torch.dtype) -> list[torch.Tensor]:
     return [torch.randn(n, generator=g).to(dtype) for n in SIZES]
 
 
+def shares_of(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of ``tensors`` to deal out as reduce-scatter shares: one is cut in two (as ZeRO's partition
+    boundary cuts a weight), a 2-D one and an empty one among them."""
+    return [tensors[0], tensors[1].reshape(1, -1), tensors[2], tensors[3][:120], tensors[3][120:], tensors[4],
+            tensors[5]]
+
+
 def check(ok: bool, what: str) -> None:
     if not ok:
         sys.exit(f"rank {dist.get_rank()}: {what}")
@@ -48,6 +56,19 @@ def check_group(shm: SharedMemoryGroup, members: list[int]) -> None:
                 check(torch.equal(got.reshape(-1), want), f"group {members}, {dtype}, divide {divide_by}, "
                                                           f"tensor {i}: {got.tolist()} != {want.tolist()}")
     index = members.index(rank)
+    for dtype in (torch.float32, torch.float64):
+        for divide_by in (None, float(len(members))):
+            pieces = shares_of(inputs(rank, dtype))
+            shares = [pieces[k::len(members)] for k in range(len(members))]
+            shm.reduce_scatter_(shares, divide_by=divide_by)
+            summed = [t.clone() for t in inputs(rank, dtype)]
+            shm.all_reduce_(summed, divide_by=divide_by)
+            want_pieces = shares_of(summed)  # this rank's share summed (bit for bit as by all_reduce_) ...
+            unchanged = shares_of(inputs(rank, dtype))  # ... and the others' left as they were
+            for j, got in enumerate(pieces):
+                want = want_pieces[j] if j % len(members) == index else unchanged[j]
+                check(torch.equal(got, want), f"group {members}, {dtype}, divide {divide_by}: reduce-scatter "
+                                              f"piece {j} (share {j % len(members)}) gave {got.tolist()}")
     for n in (1, 50):
         out = torch.full((len(members) * n,), -1.0)
         shm.all_gather_into(out, torch.arange(n, dtype=torch.float32) + 1000 * rank)

@@ -1,5 +1,6 @@
-"""The shared-memory all-reduce and all-gather between ranks of one machine (distributed/shm_collectives),
-in 3 real processes: exact results on the world and a subgroup, and a collective fallback to gloo."""
+"""The shared-memory all-reduce, reduce-scatter and all-gather between ranks of one machine
+(distributed/shm_collectives), in 3 real processes: exact results on the world and a subgroup, and a
+collective fallback to gloo."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """ZeRO-1/2 on 2 ranks (gloo), and on 1, reach the weights plain PyTorch reaches with every rank's batch,
 with the optimizer updating the model's own float32 storage (engines.share_master_weights), SGD and fused Adam; the
-gradients and weights going through shared memory (distributed/shm_collectives), and through gloo; the
+gradients going through shared memory (distributed/shm_collectives) and the weights kept in it
+(deepspeed_cpu.share_weights_between_ranks), and both through gloo; the
 clipping norm from float32 row norms (distributed/deepspeed_cpu.sum_of_squares)."""
 
 from __future__ import annotations
@@ -41,10 +42,18 @@ def test_zero_training_equals_plain_torch_on_the_whole_batch(stage: int, optimiz
         assert r["master_shares_model_storage"], "ZeRO keeps a second float32 copy of the weights"
         assert r["blockwise_norm"], "ZeRO's gradient norm is DeepSpeed's float64 one"
         assert r["releasing_flatten"], "ZeRO's step holds every gradient twice"
-        if shm and ranks > 1:  # every step's gradient all-reduce and weight all-gather
-            assert r["shared_memory_calls"] == {"all_reduce": STEPS, "all_gather": STEPS}, r
+        if shm and ranks > 1:
+            # Every step's gradient reduction through the segment; ZeRO-2 keeps only the sums of its own
+            # partition, so each rank sums only those (a reduce-scatter). The weights are one segment that
+            # both ranks map, so gathering them after the step moves nothing (and every rank's weights,
+            # the other's part included, match plain PyTorch above).
+            reduced = {"all_reduce": STEPS, "reduce_scatter": 0} if stage == 1 else {"all_reduce": 0,
+                                                                                   "reduce_scatter": STEPS}
+            assert r["shared_memory_calls"] == {**reduced, "all_gather": 0}, r
+            assert r["gathers_in_place"] == STEPS, r
         else:
             assert r["shared_memory_calls"] is None, r
+            assert r["gathers_in_place"] == 0, r
         # DeepSpeed's reduction flattens each step's bucket and sends it through gloo; ami-dist reduces it
         # in place between ranks of a machine, and skips it on one rank.
         assert r["deepspeed_bucket_reductions"] == (STEPS if not shm and ranks > 1 else 0), r

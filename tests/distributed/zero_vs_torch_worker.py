@@ -10,13 +10,14 @@ from __future__ import annotations
 import copy
 import json
 import sys
+import time
 
 import torch
 
 from ami_dist.config.schema import OptimConfig, TrainConfig
 from ami_dist.data.batching import make_batch
 from ami_dist.distributed import build_engine, init_distributed, load_preset, resolve_ds_config
-from ami_dist.distributed.deepspeed_cpu import shared_memory_group
+from ami_dist.distributed.deepspeed_cpu import shared_memory_group, stats
 from ami_dist.models import ModelConfig, build_model
 from ami_dist.training.losses import token_nll
 from ami_dist.training.optim import build_optimizer
@@ -55,6 +56,8 @@ def main(preset: str, optimizer_name: str) -> None:
     allreduce_bucket = engine.optimizer.allreduce_bucket
     engine.optimizer.allreduce_bucket = lambda bucket, *a, **k: reduced.append(len(bucket)) or allreduce_bucket(
         bucket, *a, **k)
+    if comm.rank == 1:  # the last to update its part: rank 0 must not read it before it is done
+        engine.optimizer.optimizer.register_step_pre_hook(lambda *_: time.sleep(0.2))
     master = engine.optimizer.single_partition_of_fp32_groups[0]
     flat = engine.optimizer.bit16_groups_flat[0]
     shared = flat.data_ptr() <= master.data_ptr() < flat.data_ptr() + flat.numel() * flat.element_size()
@@ -76,6 +79,7 @@ def main(preset: str, optimizer_name: str) -> None:
               "clipped_steps": sum(n > optim_cfg.max_grad_norm for n in norms),
               "deepspeed_bucket_reductions": len(reduced),
               "shared_memory_calls": shm.calls if shm is not None else None,
+              "gathers_in_place": stats["gathers_in_place"],
               "blockwise_norm": getattr(type(engine.optimizer).get_grad_norm_direct, "ami_dist_patched", False),
               "releasing_flatten": aligned_flatten.__name__ == "flatten_gradients_aligned"}
     sys.stdout.write(json.dumps(result) + "\n")  # one write: the ranks share the pipe
