@@ -1,6 +1,7 @@
 """The CPU dropout keep-mask kernel (csrc/dropout_cpu.cpp): element j keeps iff Philox word j of the
 stream (seed, offset + j) is at least p·2³², checked against the pure-PyTorch Philox; and the Python
-dropout uses it for float32 on CPU, repeatably under torch.manual_seed."""
+dropout uses it for float32 on CPU, repeatably under torch.manual_seed, applying it in one pass and
+saving one byte per element for the backward pass (the dropout and dropout_backward ops)."""
 
 from __future__ import annotations
 
@@ -45,3 +46,43 @@ def test_python_keep_mask_uses_the_kernel_and_follows_manual_seed(built_extensio
     torch.testing.assert_close(first.flatten(), _reference_mask(64 * 500, 0.25, seed, 0), rtol=0, atol=0)
     doubles = keep_mask((64, 500), 0.25, torch.empty(0, dtype=torch.float64))  # torch.rand path
     assert doubles.dtype == torch.float64 and doubles.unique().tolist() == pytest.approx([0.0, 1 / 0.75])
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 1500), (4099,), (40, 30)])
+def test_dropout_is_the_input_times_the_mask_and_saves_one_byte_per_element(cpu_isa: str,
+                                                                            shape: tuple[int, ...]) -> None:
+    from ami_dist.models.dropout import dropout
+
+    p = 0.3
+    x = torch.randn(shape)
+    flat = x.view(-1)
+    flat[:4] = torch.tensor([float("nan"), float("inf"), -0.0, -float("inf")])  # as x * mask treats them
+    if len(shape) == 2 and shape[0] == 40:
+        x = x.t()  # not contiguous
+    x.requires_grad_(True)
+    saved: list[torch.dtype] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.dtype)
+        return t
+
+    torch.manual_seed(11)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = dropout(x, p, training=True)
+    torch.manual_seed(11)
+    mask = keep_mask(tuple(x.shape), p, x)
+    want = x.detach() * mask
+    assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out.nan_to_num(), want.nan_to_num())
+    assert torch.equal(out.signbit(), want.signbit())
+    assert saved == [torch.uint8], saved  # the keep flags, not a float32 mask
+    grad = torch.randn(x.shape)
+    out.backward(grad)
+    assert torch.equal(x.grad, grad * mask)
+    torch.manual_seed(11)
+    assert torch.equal(dropout(x.detach(), p, training=True).nan_to_num(), out.detach().nan_to_num())
+    assert not torch.equal(dropout(x.detach(), p, training=True).nan_to_num(), out.detach().nan_to_num())
+
+
+def test_dropout_rejects_p_out_of_range(built_extension) -> None:
+    with pytest.raises(RuntimeError, match="p must be in"):
+        torch.ops.ami_dist.dropout(torch.ones(3), 1.0, 0)
