@@ -16,7 +16,13 @@ With --peer onmt, OpenNMT-py trains the same model on the same pairs in the same
 Then, against the DeepSpeed step: the time a step spends assembling its batch and, amortised, on the
 MLflow log call made every train.log_every steps (and tokenisation, done once before training).
 
+With --rounds N every variant (the peer included) runs N times, in turn, each round starting one variant
+further along; the table then shows medians, each ratio taken within a round (variants that ran minutes
+apart on a machine whose speed drifts are not compared), and the range of the ratio to the peer and of
+peak RSS over the rounds.
+
 Usage: python benchmarks/train_throughput.py [--config configs/dialog_lstm.yaml] [--steps 20] [--peer onmt]
+       [--rounds 3]
 Defaults: the paper's dialog LSTM (2 layers, 500 hidden, batch 64) on the bundled PersonaChat sample.
 """
 
@@ -26,6 +32,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -236,6 +243,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="threads of the 1-rank variants")
     parser.add_argument("--variants", default="torch,deepspeed,deepspeed2,ami")
     parser.add_argument("--peer", choices=["onmt"], help="also run OpenNMT-py (benchmarks/peers/onmt.py)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every variant this many times, in turn; report medians and ranges")
     parser.add_argument("--no-critical-path", dest="critical_path", action="store_false",
                         help="skip timing batch assembly and MLflow logging against the step")
     parser.add_argument("--onmt_venv", default=os.environ.get("ONMT_VENV", "/tmp/onmt-venv"))
@@ -250,55 +259,86 @@ def main() -> None:
         return
     import tempfile
 
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for variant in args.variants.split(","):
-            print(f"running {variant} ...", flush=True)
-            results[variant] = run_variant(variant, args, Path(tmp) / f"{variant}.json")
+    names = args.variants.split(",") + (["onmt"] if args.peer == "onmt" else [])
+    peer_batches = None
     if args.peer == "onmt":
-        from peers.onmt import run_peer
-
         from ami_dist.config import load_config
 
-        print("running OpenNMT-py ...", flush=True)
         cfg = load_config(args.config)
         _, split, indices = batch_indices(cfg, 1, 0, args.warmup + args.steps)  # the 1-rank variants' batches
-        pairs = [split.pairs[i] for batch in indices for i in batch]
-        results["onmt"] = run_peer(Path(args.onmt_venv), cfg, pairs, split.pairs, args.steps, args.warmup,
-                                   args.threads)
-    ami = results.pop("ami", None)
-    if ami is not None:  # its MLE-only pass is a row like the others
-        results["ami_fw_mle"] = {**ami, "seconds": ami["mle_seconds"], "src_tokens": float("nan"), "world": 1}
-    ref, peer = results.get("torch"), results.get("onmt")
+        peer_batches = ([split.pairs[i] for batch in indices for i in batch], split.pairs, cfg)
+    rounds: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for index in range(args.rounds):
+            # Each round runs every variant once, starting one further along each time, so that a slowdown
+            # of the machine in some part of a round does not always hit the same variant.
+            order = names[index % len(names):] + names[:index % len(names)]
+            results = {}
+            for variant in order:
+                print(f"round {index + 1}/{args.rounds}: running {variant} ...", flush=True)
+                if variant == "onmt":
+                    from peers.onmt import run_peer
+
+                    assert peer_batches is not None
+                    pairs, all_pairs, cfg = peer_batches
+                    results["onmt"] = run_peer(Path(args.onmt_venv), cfg, pairs, all_pairs, args.steps, args.warmup,
+                                               args.threads)
+                else:
+                    results[variant] = run_variant(variant, args, Path(tmp) / f"{variant}.json")
+            ami = results.pop("ami", None)
+            if ami is not None:  # its MLE-only pass is a row like the others
+                results["ami_fw_mle"] = {**ami, "seconds": ami["mle_seconds"], "src_tokens": float("nan"), "world": 1}
+                results["_ami"] = ami
+            rounds.append(results)
 
     def rate(r: dict) -> float:
         return r["tgt_tokens"] / r["seconds"]
 
-    print(f"\nMLE step throughput, config {args.config}, {args.steps} timed steps after {args.warmup} warm-up")
+    def spread(values: list[float], fmt: str) -> str:
+        return f"{min(values):{fmt}}-{max(values):{fmt}}" if len(values) > 1 else ""
+
+    rows = [name for name in rounds[0] if name != "_ami"]
+    print(f"\nMLE step throughput, config {args.config}, {args.steps} timed steps after {args.warmup} warm-up"
+          + (f"; medians of {args.rounds} rounds, ratios taken within each round" if args.rounds > 1 else ""))
+    ranges = f" {'vs onmt range':>13s} {'RSS range':>11s}" if args.rounds > 1 else ""
     print(f"{'variant':12s} {'ranks':>5s} {'thr/rank':>8s} {'tgt tok/s':>10s} {'ms/step':>8s} {'peak RSS MB':>11s} "
-          f"{'vs torch':>8s} {'vs onmt':>8s}")
-    for name, r in results.items():
-        vs_ref = f"{rate(r) / rate(ref):.2f}x" if ref else "-"
-        vs_peer = f"{rate(r) / rate(peer):.2f}x" if peer else "-"
-        print(f"{name:12s} {r['world']:5d} {r['threads']:8d} {rate(r):10.0f} {1000 * r['seconds'] / r['steps']:8.1f} "
-              f"{r['peak_rss_mb']:11.0f} {vs_ref:>8s} {vs_peer:>8s}")
+          f"{'vs torch':>8s} {'vs onmt':>8s}{ranges}")
+    for name in rows:
+        runs = [r[name] for r in rounds]
+        first = runs[0]
+        ms = statistics.median(1000 * r["seconds"] / r["steps"] for r in runs)
+        rss = [r["peak_rss_mb"] for r in runs]
+        vs_ref = [rate(r[name]) / rate(r["torch"]) for r in rounds] if "torch" in rounds[0] else []
+        vs_peer = [rate(r[name]) / rate(r["onmt"]) for r in rounds] if "onmt" in rounds[0] else []
+        line = (f"{name:12s} {first['world']:5d} {first['threads']:8d} {statistics.median(map(rate, runs)):10.0f} "
+                f"{ms:8.1f} {statistics.median(rss):11.0f} "
+                f"{f'{statistics.median(vs_ref):.2f}x' if vs_ref else '-':>8s} "
+                f"{f'{statistics.median(vs_peer):.2f}x' if vs_peer else '-':>8s}")
+        if args.rounds > 1:
+            line += f" {spread(vs_peer, '.2f') if vs_peer else '-':>13s} {spread(rss, '.0f'):>11s}"
+        print(line)
+    results = {name: rounds[0][name] for name in rows}
+    ami_rounds = [r["_ami"] for r in rounds if "_ami" in r]
     if args.critical_path:
         from ami_dist.config import load_config
 
         path = critical_path(load_config(args.config))
         against = "deepspeed" if "deepspeed" in results else next(iter(results))
-        step_ms = 1000 * results[against]["seconds"] / args.steps
+        step_ms = statistics.median(1000 * r[against]["seconds"] / args.steps for r in rounds)
         per_step_log = path["log_ms"] / path["log_every"]
         print(f"\nBesides the step ({step_ms:.0f} ms, {against}): batch assembly {path['batch_ms']:.2f} ms per "
               f"step ({100 * path['batch_ms'] / step_ms:.2f}%); one MLflow log call of {path['metrics']} metrics "
               f"{path['log_ms']:.1f} ms every {path['log_every']} steps = {per_step_log:.2f} ms per step "
               f"({100 * per_step_log / step_ms:.3f}%); tokenising {path['pairs']} training pairs "
               f"{path['encode_s']:.2f} s once, before the first step")
-    if ami is not None:
-        adv = ami["both_seconds"] - ami["mle_seconds"]
-        print(f"\nAMI forward phase, 1 rank: MLE step {1000 * ami['mle_seconds'] / ami['steps']:.0f} ms, MLE + "
-              f"adversarial update {1000 * ami['both_seconds'] / ami['steps']:.0f} ms; the adversarial update (K = "
-              f"{ami['k']}) costs {adv / ami['mle_seconds']:.2f}x an MLE step (target: <= K + 2 = {ami['k'] + 2})")
+    if ami_rounds:
+        costs = [(a["both_seconds"] - a["mle_seconds"]) / a["mle_seconds"] for a in ami_rounds]
+        ami = ami_rounds[0] if len(ami_rounds) == 1 else None
+        each = (f"MLE step {1000 * ami['mle_seconds'] / ami['steps']:.0f} ms, MLE + adversarial update "
+                f"{1000 * ami['both_seconds'] / ami['steps']:.0f} ms; " if ami else "")
+        median = "" if ami else f" (median of {len(costs)} rounds; {spread(costs, '.2f')})"
+        print(f"\nAMI forward phase, 1 rank: {each}the adversarial update (K = {ami_rounds[0]['k']}) costs "
+              f"{statistics.median(costs):.2f}x an MLE step{median} (target: <= K + 2 = {ami_rounds[0]['k'] + 2})")
 
 
 if __name__ == "__main__":
