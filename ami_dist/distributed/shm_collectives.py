@@ -93,13 +93,20 @@ def _attach_segment(group: Any, size: int, directory: str) -> torch.Tensor | Non
         path = os.path.join(directory, f"{_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}")
         try:
             descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-            try:
-                os.ftruncate(descriptor, size)
-                os.pwrite(descriptor, stamp, size - _STAMP_BYTES)
-            finally:
-                os.close(descriptor)
         except OSError:
             path = ""
+        else:
+            try:
+                # Reserve every page now: a /dev/shm too small for the segment (Docker's is 64 MB unless
+                # --shm-size says otherwise) fails here, and the group falls back to gloo, where a sparse
+                # file would kill the rank that first touched a page beyond the limit (SIGBUS).
+                os.posix_fallocate(descriptor, 0, size)
+                os.pwrite(descriptor, stamp, size - _STAMP_BYTES)
+            except OSError:
+                os.unlink(path)
+                path = ""
+            finally:
+                os.close(descriptor)
     try:
         shared = [path, stamp]
         dist.broadcast_object_list(shared, src=global_rank(group, 0), group=group)

@@ -1,7 +1,7 @@
 """Worker for test_shm_collectives: the shared-memory all-reduce, reduce-scatter and all-gather
 (distributed/shm_collectives) against results each rank can work out from every rank's inputs, over many
 small rounds, on the world and on a subgroup of non-consecutive ranks; and every rank falling back together
-when one cannot map the segment.
+when one cannot map the segment, or it cannot be made (no room for it: nothing is left behind).
 
 Run by the test under torchrun with 3 ranks: ``shm_worker.py DIRECTORY``; prints "ok <rank>" when every
 check holds, and exits with a message at the first that does not.
@@ -10,6 +10,7 @@ check holds, and exits with a message at the first that does not.
 from __future__ import annotations
 
 import datetime
+import errno
 import os
 import sys
 
@@ -109,6 +110,16 @@ def main(directory: str) -> None:
     shm_collectives.os.open = real_open
     check(SharedMemoryGroup.attach(None, directory=os.path.join(directory, "absent")) is None,
           "a group whose segment cannot be created did not fall back")
+    # A /dev/shm without room for the segment (Docker's default 64 MB): rank 0 cannot reserve its pages.
+    real_fallocate = shm_collectives.os.posix_fallocate
+
+    def full(descriptor: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    shm_collectives.os.posix_fallocate = full
+    check(SharedMemoryGroup.attach(None, chunk_bytes=CHUNK_BYTES, directory=directory) is None,
+          "a group whose segment does not fit in the directory did not fall back")
+    shm_collectives.os.posix_fallocate = real_fallocate
     dist.barrier()
     check(os.listdir(directory) == [], f"segments left behind after the fallbacks: {os.listdir(directory)}")
     sys.stdout.write(f"ok {rank}\n")  # one write: the ranks share the pipe
