@@ -95,7 +95,7 @@ def _gathered_already(output: torch.Tensor, input_: torch.Tensor, group: Any) ->
 def share_weights_between_ranks(zero_optimizer: Any) -> bool:
     """Keep ZeRO-1/2's flat weights in one shared-memory segment that every rank of a machine maps.
 
-    After each step, ZeRO gathers every rank's updated part of the weights into every rank: 120 MB moved
+    After each step, ZeRO gathers every rank's updated part of the weights into every rank: 96 MB moved
     per step for the 2+2-layer Transformer on 2 ranks (about 30 ms through shared memory). Where the flat
     weights themselves are shared, each rank's optimizer updates its part in place, and the gather is a
     barrier. No rank reads another's part while it changes: the update follows the gradient reduction,
@@ -313,7 +313,7 @@ def release_gradients_when_flattened(zero_optimizer: Any) -> None:
     """Make a ZeRO-1/2 optimizer free its gradients while it flattens them for the step.
 
     At each step DeepSpeed copies this rank's gradients into one flat tensor for the optimizer, while its
-    list of them still holds every one, so the step needs the gradients twice over (120 MB more for the
+    list of them still holds every one, so the step needs the gradients twice over (96 MB more for the
     Transformer, 76 MB for the LSTM, on one rank), and the step is where the peak resident set is set.
     Flattening that list (and only it: it is recognised by identity) now goes through flatten_releasing.
     """
