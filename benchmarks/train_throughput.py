@@ -317,13 +317,12 @@ def main() -> None:
         if args.rounds > 1:
             line += f" {spread(vs_peer, '.2f') if vs_peer else '-':>13s} {spread(rss, '.0f'):>11s}"
         print(line)
-    results = {name: rounds[0][name] for name in rows}
     ami_rounds = [r["_ami"] for r in rounds if "_ami" in r]
     if args.critical_path:
         from ami_dist.config import load_config
 
         path = critical_path(load_config(args.config))
-        against = "deepspeed" if "deepspeed" in results else next(iter(results))
+        against = "deepspeed" if "deepspeed" in rows else rows[0]
         step_ms = statistics.median(1000 * r[against]["seconds"] / args.steps for r in rounds)
         per_step_log = path["log_ms"] / path["log_every"]
         print(f"\nBesides the step ({step_ms:.0f} ms, {against}): batch assembly {path['batch_ms']:.2f} ms per "

@@ -59,12 +59,17 @@ struct Stream {
   float keep;          // the value of a kept element of the mask: 1/(1-p)
 };
 
-Stream stream_of(double p, int64_t seed, const char* op) {
+// The value of a kept element of the mask, 1/(1-p), once p is checked.
+float keep_value(double p, const char* op) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": p must be in [0, 1), got ", p);
+  return static_cast<float>(1.0 / (1.0 - p));
+}
+
+Stream stream_of(double p, int64_t seed, const char* op) {
+  const float keep = keep_value(p, op);
   const double scaled = std::ldexp(p, 32);
   return {cpu::key_of(static_cast<uint64_t>(seed)),
-          scaled >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(scaled),
-          static_cast<float>(1.0 / (1.0 - p))};
+          scaled >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(scaled), keep};
 }
 
 // Runs tile(c0, n, j0, avx2) over the tiles of count draws from offset, on the intra-op threads.
@@ -121,7 +126,7 @@ at::Tensor dropout_backward_cpu(const at::Tensor& grad, const at::Tensor& kept, 
   TORCH_CHECK(grad.device().is_cpu() && grad.scalar_type() == at::kFloat && kept.scalar_type() == at::kByte &&
                   grad.sizes() == kept.sizes(),
               "dropout_backward: a float32 CPU gradient and uint8 keep flags of its shape");
-  const Stream s = stream_of(p, 0, "dropout_backward");
+  const float keep = keep_value(p, "dropout_backward");
   const auto g = grad.contiguous();
   const auto k = kept.contiguous();
   auto out = at::empty_like(g);
@@ -130,7 +135,7 @@ at::Tensor dropout_backward_cpu(const at::Tensor& grad, const at::Tensor& kept, 
   float* op = out.data_ptr<float>();
   at::parallel_for(0, g.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      op[i] = gp[i] * select_f(0u - static_cast<uint32_t>(kp[i]), s.keep, 0.0f);
+      op[i] = gp[i] * select_f(mask_if(kp[i] != 0), keep, 0.0f);
     }
   });
   return out;

@@ -92,6 +92,11 @@ def _gathered_already(output: torch.Tensor, input_: torch.Tensor, group: Any) ->
     return output.numel() == world * input_.numel() and input_.data_ptr() == output[rank * input_.numel():].data_ptr()
 
 
+def _offset_in(flat: torch.Tensor, view: torch.Tensor) -> int:
+    """Where ``view`` (a view into ``flat``'s storage, of its dtype) starts in ``flat``, in elements."""
+    return (view.data_ptr() - flat.data_ptr()) // flat.element_size()
+
+
 def share_weights_between_ranks(zero_optimizer: Any) -> bool:
     """Keep ZeRO-1/2's flat weights in one shared-memory segment that every rank of a machine maps.
 
@@ -122,7 +127,7 @@ def share_weights_between_ranks(zero_optimizer: Any) -> bool:
             continue
         rank = dist.get_rank(group)
         own = zero_optimizer.parallel_partitioned_bit16_groups[i][rank]
-        start = (own.data_ptr() - flat.data_ptr()) // flat.element_size()
+        start = _offset_in(flat, own)
         shared[start:start + own.numel()].copy_(own)
         dist.barrier(group=group)  # every part written
         flat.data = shared
@@ -196,11 +201,10 @@ def _shares_by_partition(optimizer: Any, bucket: list[torch.Tensor], group: Any,
                 or grad.numel() != param.numel() or not param.is_contiguous()
                 or param.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr()):
             return None
-        size = flat.element_size()
-        start = (param.data_ptr() - flat.data_ptr()) // size
+        start = _offset_in(flat, param)
         end = start + param.numel()
         for owner, partition in enumerate(partitions):
-            low = (partition.data_ptr() - flat.data_ptr()) // size
+            low = _offset_in(flat, partition)
             a, b = max(start, low), min(end, low + partition.numel())
             if a < b:
                 shares[owner].append(grad.view(-1)[a - start:b - start])

@@ -206,13 +206,7 @@ class SharedMemoryGroup:
             for piece, lo, hi in _pieces(flat, starts, offset + mine[0], mine[1] - mine[0]):
                 lo, hi = lo + mine[0], hi + mine[0]
                 operands = [piece if k == self.rank else slots[k][lo:hi] for k in range(self.world)]
-                total = result[lo:hi]
-                torch.add(operands[0], operands[1], out=total)
-                for operand in operands[2:]:
-                    total.add_(operand)
-                if divide_by is not None:
-                    total.div_(divide_by)
-                piece.copy_(total)
+                piece.copy_(_sum_in_order(operands, result[lo:hi], divide_by))
             self.barrier()
             for piece, lo, hi in _pieces(flat, starts, offset, count):
                 for a, b in _outside(lo, hi, *mine):
@@ -260,12 +254,7 @@ class SharedMemoryGroup:
                 operands = [piece if k == own else slots[k][at + lo:at + hi] for k in range(self.world)]
                 # Ranks 0 and 1 sum into their gradients; from rank 2 on, that would overwrite an operand
                 # before adding it, so the sum goes through the rank's own (unused) region of its slot.
-                total = piece if own < 2 else slots[own][at + lo:at + hi]
-                torch.add(operands[0], operands[1], out=total)
-                for operand in operands[2:]:
-                    total.add_(operand)
-                if divide_by is not None:
-                    total.div_(divide_by)
+                total = _sum_in_order(operands, piece if own < 2 else slots[own][at + lo:at + hi], divide_by)
                 if total is not piece:
                     piece.copy_(total)
         self.barrier()  # the next collective writes the slots again
@@ -291,6 +280,18 @@ class SharedMemoryGroup:
                 if k != self.rank:
                     parts[k][offset:offset + count].copy_(slots[k][:count])
             self.barrier()
+
+
+def _sum_in_order(operands: list[torch.Tensor], out: torch.Tensor, divide_by: float | None) -> torch.Tensor:
+    """``out`` = the sum of ``operands`` (2 or more) in their order, divided by ``divide_by`` if given: the
+    one way every collective here adds, so that they agree bit for bit. ``out`` may be the first or the
+    second operand, not a later one (it would be overwritten before it is added)."""
+    torch.add(operands[0], operands[1], out=out)
+    for operand in operands[2:]:
+        out.add_(operand)
+    if divide_by is not None:
+        out.div_(divide_by)
+    return out
 
 
 def _flat_views(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -25,11 +25,15 @@ def _compiled(like: torch.Tensor) -> bool:
     return like.device.type == "cpu" and like.dtype == torch.float32 and fused.load_error() is None
 
 
+def _draw_seed() -> int:
+    """The Philox seed of one mask, from torch's generator (so torch.manual_seed repeats it)."""
+    return int(torch.randint(SEED_RANGE, (), dtype=torch.int64))
+
+
 def keep_mask(shape: tuple[int, ...], p: float, like: torch.Tensor) -> torch.Tensor:
     """A mask of ``shape``: 1/(1 − p) with probability 1 − p, else 0 (dtype and device of ``like``)."""
     if _compiled(like):
-        seed = int(torch.randint(SEED_RANGE, (), dtype=torch.int64))
-        return torch.ops.ami_dist.keep_mask(list(shape), p, seed, 0)
+        return torch.ops.ami_dist.keep_mask(list(shape), p, _draw_seed(), 0)
     return torch.rand(shape, dtype=like.dtype, device=like.device).ge_(p).mul_(1 / (1 - p))
 
 
@@ -40,8 +44,7 @@ class _CompiledDropout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, p: float) -> torch.Tensor:
-        seed = int(torch.randint(SEED_RANGE, (), dtype=torch.int64))  # as keep_mask draws it
-        out, kept = torch.ops.ami_dist.dropout(x, p, seed)
+        out, kept = torch.ops.ami_dist.dropout(x, p, _draw_seed())  # the mask keep_mask would draw
         ctx.save_for_backward(kept)
         ctx.p = p
         return out
