@@ -109,10 +109,12 @@ def run_training(args: argparse.Namespace) -> int:
         run_dir = resume_dir or (_exact_run_dir(cfg, comm, exact_dir) if exact_dir else make_run_dir(cfg, comm))
         run_id_file = run_dir / "mlflow_run_id"
         previous_run = run_id_file.read_text().strip() if resume_dir is not None and run_id_file.is_file() else None
+        tags = {"task": cfg.run.task, "model_family": cfg.model.family, "launcher": comm.info.launcher,
+                "run_dir": str(run_dir)}
+        if cfg.tracking.parent_run_id:  # how MLflow nests a run under another (an experiment's parent run)
+            tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
         tracker = make_tracker(cfg.tracking.enabled, comm.is_main, cfg.tracking.uri, cfg.tracking.experiment,
-                               cfg.run.name, {"task": cfg.run.task, "model_family": cfg.model.family,
-                                              "launcher": comm.info.launcher, "run_dir": str(run_dir)},
-                               run_id=previous_run, buffer_dir=run_dir)
+                               cfg.run.name, tags, run_id=previous_run, buffer_dir=run_dir)
         if watchdog is not None:  # rank 0 records another rank's failure before it exits
             watchdog.on_failure = lambda reason: _record_failure(tracker, reason)
         hosts = comm.gather(socket.gethostname())
@@ -186,9 +188,11 @@ def _print_summary(run, metrics: dict[str, float], tracker) -> None:
             f"  {net.name:8s} ({direction}) valid BLEU {metrics[f'valid/{net.short}_bleu']:.2f}  "
             f"chrF {metrics[f'valid/{net.short}_chrf']:.2f}  perplexity {metrics[f'valid/{net.short}_ppl']:.2f}"
         )
+    fixed = metrics.get("valid/mi_logq_fixed")
     lines.append(f"  forward outputs: distinct-1 {metrics['valid/fw_distinct1']:.4f}  distinct-2 "
                  f"{metrics['valid/fw_distinct2']:.4f}  mean length {metrics['valid/fw_length']:.1f}  "
-                 f"log q(S|T̂) {metrics['valid/mi_logq']:.3f}")
+                 f"log q(S|T̂) {metrics['valid/mi_logq']:.3f}"
+                 + (f" (fixed critic {fixed:.3f})" if fixed is not None else ""))
     lines.append(f"  sacreBLEU signature: {run.bleu_signature}")
     if tracker.run_id:
         uri = resolve_uri(run.cfg.tracking.uri)

@@ -3,9 +3,10 @@
     python -m ami_dist.compare --experiment ami-dist-demo            # every run of an experiment
     python -m ami_dist.compare --runs 3419b3ac... 61b523d1... --out comparison/
 
-Writes ``comparison.md`` (settings that tell the runs apart and the final validation metrics) and
-``valid_bleu.png`` / ``losses.png`` (validation BLEU and MLE losses over steps), then logs them as the
-artifacts of a new "comparison" run in the same experiment.
+Writes ``comparison.md`` (settings that tell the runs apart and the final validation metrics),
+``valid_bleu.png`` / ``losses.png`` (validation BLEU and MLE losses over steps) and, for AMI runs,
+``ami_phases.png`` (noise strength, distinct samples, reward spread, the critic's log q of real and
+synthetic pairs), then logs them as the artifacts of a new "comparison" run in the same experiment.
 """
 
 from __future__ import annotations
@@ -17,10 +18,14 @@ from typing import Any
 from ami_dist.errors import UserError
 
 PARAMS = ["run.task", "model.family", "model.hidden_size", "model.enc_layers", "ami.enabled", "ami.cycles",
-          "lns.k", "lns.lam", "optim.name", "train.batch_size", "train.mle_steps", "world_size", "zero_stage"]
+          "lns.k", "lns.scale", "ami.demotion", "optim.name", "train.batch_size", "train.mle_steps", "world_size",
+          "zero_stage"]
 FINAL = ["valid/fw_bleu", "valid/fw_chrf", "valid/fw_distinct1", "valid/fw_distinct2", "valid/fw_length",
-         "valid/mi_logq", "valid/fw_ppl", "valid/bw_bleu", "valid/bw_ppl"]
-CURVES = {"valid_bleu.png": ["valid/fw_bleu", "valid/bw_bleu"], "losses.png": ["fw/mle_nll", "bw/mle_nll"]}
+         "valid/mi_logq", "valid/mi_logq_fixed", "valid/fw_ppl", "valid/bw_bleu", "valid/bw_ppl"]
+CURVES = {"valid_bleu.png": ["valid/fw_bleu", "valid/bw_bleu"], "losses.png": ["fw/mle_nll", "bw/mle_nll"],
+          # what the AMI phases do: the noise's size, how much its K samples differ, what the critic makes of them
+          "ami_phases.png": ["noise/strength", "fw/distinct_samples", "fw/reward_std", "bw/real_logq",
+                             "bw/synth_logq"]}
 
 
 def find_runs(client: Any, run_ids: list[str], experiment: str | None) -> list[Any]:
@@ -96,6 +101,8 @@ def compare(uri: str, run_ids: list[str], experiment: str | None, out: Path, log
     written = [out / "comparison.md"]
     written[0].write_text(f"# Comparison of {len(runs)} runs\n\n{table(runs)}", encoding="utf-8")
     for name, keys in CURVES.items():
+        if not any(key in r.data.metrics for r in runs for key in keys):
+            continue  # e.g. the AMI phases' curves of MLE-only runs
         plot(client, runs, keys, out / name)
         written.append(out / name)
     if log:

@@ -58,7 +58,7 @@ def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None) -> 
         checkpoint = run_dir / "checkpoints" / name
         if not (checkpoint / tag).is_dir():
             raise UserError(f"{checkpoint / tag}: checkpoint not found")
-        state = _consolidate(checkpoint, tag)
+        state = consolidate(checkpoint, tag)
         networks[name] = {key: value.detach().float().contiguous().clone() for key, value in state.items()}
         _check_fits(networks[name], build_model(cfg.model, len(vocab), vocab.pad_id), checkpoint / tag,
                     run_dir / "config.yaml")
@@ -91,7 +91,7 @@ def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None) -> 
     return out
 
 
-def _consolidate(checkpoint: Path, tag: str) -> dict[str, torch.Tensor]:
+def consolidate(checkpoint: Path, tag: str) -> dict[str, torch.Tensor]:
     """DeepSpeed's fp32 consolidation of one network's shards, every file read with ``weights_only=True``."""
     from deepspeed.utils import zero_to_fp32
 

@@ -129,6 +129,9 @@ def build(cls: type, data: Mapping[str, Any], loc: Located, prefix: str = "") ->
     for name in data:
         if name not in fields:
             key = f"{prefix}.{name}" if prefix else str(name)
+            renamed = getattr(cls, "RENAMED", {})
+            if name in renamed:
+                raise ConfigError(f"{loc.where(key)}: renamed to {prefix + '.' if prefix else ''}{renamed[name]}")
             known = ", ".join(sorted(fields))
             raise ConfigError(f"{loc.where(key)}: unknown key (known keys here: {known})")
     kwargs = {}

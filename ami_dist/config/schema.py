@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from ami_dist.models.config import ModelConfig
 from ami_dist.typed_config import spec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: lns.lam became lns.scale; AMI stages and demotion keys
 Fail = Callable[[str, str], Exception]
 
 
@@ -132,6 +132,15 @@ class EvalConfig:
         "13a", "sacreBLEU tokenizer"
     )
     samples: int = spec(5, "validation examples printed and logged with their hypotheses", ge=0)
+    fixed_critic: str | None = spec(
+        None, "a backward network's checkpoint directory (checkpoints/backward of an MLE run): it scores the forward "
+        "outputs, frozen, as valid/mi_logq_fixed; null: with ami.enabled, the backward network as the AMI stages "
+        "began (saved in the run directory)",
+    )
+
+    def validate(self, fail: Fail) -> None:
+        if self.fixed_critic is not None and not Path(self.fixed_critic).is_dir():
+            raise fail("fixed_critic", f"checkpoint directory not found: {self.fixed_critic}")
 
 
 @dataclass
@@ -139,6 +148,7 @@ class TrackingConfig:
     uri: str | None = spec(None, "MLflow tracking URI (null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     experiment: str = spec("ami-dist", "MLflow experiment name")
     enabled: bool = spec(True, "log to MLflow at all")
+    parent_run_id: str | None = spec(None, "nest this run under that MLflow run (an experiment's parent run)")
 
 
 @dataclass
@@ -170,43 +180,95 @@ class LNSConfig:
     impl: Literal["auto", "fused", "reference"] = spec(
         "auto", "latent-noise op: fused C++/CUDA, the pure-PyTorch reference, or auto (fused when built)"
     )
-    k: int = spec(5, "latent noise samples per sentence, decoded as one batch of K·B (official code: 5)", ge=1)
-    lam: float = spec(0.1, "λ, the scale of the latent perturbation h + λ·δ (paper: 0.1)", ge=0)
+    k: int = spec(5, "latent noise samples per sentence, decoded as one batch of K·B (release wh_sample_num: 5)",
+                  ge=1)
+    scale: float = spec(
+        1.0, "s, the scale of the latent perturbation h + s·δ (release noise_lambda: 1.0; the paper's "
+        "'λ = 0.1' is read as ami.strength_weight, see the README)", ge=0,
+    )
+
+    RENAMED: ClassVar[dict[str, str]] = {"lam": "scale (the scale s of h + s·δ; the release's noise_lambda)"}
 
 
 @dataclass
 class AMIConfig:
-    enabled: bool = spec(False, "run the AMI cycles after train.mle_steps of MLE (false: an MLE-only run)")
-    cycles: int = spec(10, "AMI cycles of noise, forward and backward phases", ge=0)
-    noise_steps: int = spec(4, "batches per noise phase (official code: 4; paper NMT: 5000)", ge=0)
-    forward_steps: int = spec(8, "batches per forward phase (official code: 8; paper NMT: 35)", ge=0)
-    backward_steps: int = spec(8, "batches per backward phase (official code: 8; paper NMT: 10000)", ge=0)
+    """The AMI stages after MLE pretraining (release train.sh): noise pretraining, then adversarial cycles.
+
+    In the adversarial stage the forward and backward networks train at ``adv_lr`` with every update
+    clipped at ``adv_max_grad_norm`` (release: lr 0.01, max_grad_norm 0.1); the noise network keeps its
+    ``noise_optim`` learning rate in both AMI stages and is clipped at ``adv_max_grad_norm`` in the
+    adversarial stage.
+    """
+
+    enabled: bool = spec(False, "run the AMI stages after train.mle_steps of MLE (false: an MLE-only run)")
+    noise_pretrain_steps: int = spec(
+        10000, "noise pretraining: batches that train the noise network alone, forward and backward frozen, "
+        "before the first cycle (release train.sh: 10k)", ge=0,
+    )
+    cycles: int = spec(10, "adversarial stage: cycles of noise, forward and backward phases", ge=0)
+    noise_steps: int = spec(4, "batches per noise phase (release: 4; paper NMT: 5000)", ge=0)
+    forward_steps: int = spec(8, "batches per forward phase (release: 8; paper NMT: 35)", ge=0)
+    backward_steps: int = spec(8, "batches per backward phase (release: 8; paper NMT: 10000)", ge=0)
     adv_every: int = spec(
         2, "in the forward and backward phases, every adv_every-th batch adds an adversarial step to the MLE one",
         ge=1,
     )
+    adv_lr: float = spec(
+        0.01, "adversarial stage: constant learning rate of the forward and backward networks (release: 0.01 "
+        "with SGD); 0 = continue their MLE schedule", ge=0,
+    )
+    adv_max_grad_norm: float = spec(
+        0.1, "adversarial stage: gradient-norm clipping of every update of all three networks (release "
+        "max_grad_norm: 0.1); 0 = keep optim.max_grad_norm / noise_optim.max_grad_norm", ge=0,
+    )
     baseline: bool = spec(True, "subtract the mean reward over the K samples of a sentence (variance reduction)")
     score_term: bool = spec(True, "noise update: the score-function term −E[(R − b)·log p(δ | μ, σ)]")
     strength_term: bool = spec(True, "noise update: the strength term −β·min(‖δ‖, cap), path-wise through the op")
-    strength_weight: float = spec(0.01, "β, the weight of the strength term", ge=0)
-    strength_cap: float = spec(
-        10.0, "cap on ‖δ‖ (over the model dimension) beyond which strength is not rewarded", gt=0
+    strength_weight: float = spec(
+        0.1, "β, the weight of the strength term (release wh_disturb_ratio: 0.1, the paper's 'λ = 0.1')", ge=0
     )
-    fw_adv_clip: float = spec(1.0, "gradient-norm clipping of the forward adversarial step (0 = none)", ge=0)
-    bw_adv_clip: float = spec(1.0, "gradient-norm clipping of the backward adversarial step (0 = none)", ge=0)
+    strength_cap: float = spec(
+        1.0, "cap on ‖δ‖ over the model dimension beyond which strength is not rewarded (release noise_l2: 1.0, "
+        "a norm over a batch of 64; the recipes set √(D/64), the same size per element)", gt=0,
+    )
+    demotion: Literal["bounded", "unbounded"] = spec(
+        "bounded", "backward adversarial step: bounded demotes a synthetic pair only until its NLL exceeds the real "
+        "pair's by demotion_margin; unbounded is the release's NLL(S|T) − w·NLL(S|T̃), which never stops paying",
+    )
+    demotion_margin: float = spec(
+        1.0, "bounded demotion: margin in nats per token (length-normalised NLL) past which it stops", gt=0
+    )
+    fw_adv_clip: float = spec(
+        1.0, "gradient-norm clipping of the forward adversarial step (release fw_adv_w_clip: 1.0; the stage's "
+        "adv_max_grad_norm applies too, the smaller wins); 0 = none", ge=0,
+    )
+    bw_adv_clip: float = spec(
+        1.0, "gradient-norm clipping of the backward adversarial step (release bw_adv_w_clip: 1.0; the smaller of "
+        "it and adv_max_grad_norm applies); 0 = none", ge=0,
+    )
     noise_inner_size: int = spec(0, "inner width of the noise network's Linear-ReLU-Linear (0 = hidden_size)", ge=0)
     init_forward: str | None = spec(None, "start the forward network from this MLE checkpoint directory")
     init_backward: str | None = spec(None, "start the backward network from this MLE checkpoint directory")
 
     def validate(self, fail: Fail) -> None:
-        if self.enabled and self.cycles and self.noise_steps + self.forward_steps + self.backward_steps == 0:
-            raise fail("cycles", "a cycle needs at least one of noise_steps, forward_steps, backward_steps")
-        if self.enabled and self.noise_steps and not (self.score_term or self.strength_term):
-            raise fail("score_term", "the noise phase needs score_term or strength_term (or noise_steps: 0)")
         for key in ("init_forward", "init_backward"):
             path = getattr(self, key)
             if path is not None and not Path(path).is_dir():
                 raise fail(key, f"checkpoint directory not found: {path}")
+        if not self.enabled:
+            return
+        if self.cycles and self.noise_steps + self.forward_steps + self.backward_steps == 0:
+            raise fail("cycles", "a cycle needs at least one of noise_steps, forward_steps, backward_steps")
+        if self.noise_steps + self.noise_pretrain_steps and not (self.score_term or self.strength_term):
+            raise fail("score_term", "the noise phases need score_term or strength_term (or noise_steps and "
+                       "noise_pretrain_steps 0): with both off the noise network is never updated")
+        if self.noise_steps + self.noise_pretrain_steps and self.strength_term and self.strength_weight == 0 \
+                and not self.score_term:
+            raise fail("strength_weight", "0 with score_term off: the noise network would get no gradient")
+        if self.cycles and (self.forward_steps or self.backward_steps) \
+                and self.adv_every > max(self.forward_steps, self.backward_steps):
+            raise fail("adv_every", f"{self.adv_every} is more than forward_steps ({self.forward_steps}) and "
+                       f"backward_steps ({self.backward_steps}): no adversarial step would ever run")
 
 
 @dataclass
@@ -243,3 +305,9 @@ class Config:
             raise fail("train.mle_steps", "must be > 0 for an MLE-only run (ami.enabled is false)")
         if self.ami.enabled and self.train.grad_accum != 1:
             raise fail("train.grad_accum", "must be 1 with ami.enabled (each AMI step is one optimizer step)")
+        if self.ami.enabled and self.lns.scale == 0:
+            raise fail("lns.scale", "0 with ami.enabled: every one of the K perturbed copies would equal h, so all "
+                       "K samples T̃ are the same and every advantage is 0 (AMI would silently be MLE)")
+        if self.ami.enabled and self.lns.k == 1 and self.ami.baseline:
+            raise fail("lns.k", "1 with ami.baseline: the baseline is the mean over K samples, so with one sample "
+                       "every advantage R − b is 0 and no adversarial gradient is left; use k >= 2")

@@ -75,27 +75,20 @@ class Seq2Seq(nn.Module):
         tile = torch.arange(batch, device=memory.device).repeat(k)
         return replace(enc.select(tile), memory=flat, keys=self.memory_keys(flat))
 
-    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor | None = None, *,
+    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor, *,
                 perturb: Callable[[Seq2Seq, EncoderOutput], EncoderOutput] | None = None,
-                targets: Callable[[Seq2Seq, EncoderOutput], torch.Tensor] | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced logits (N, T, vocab) of the next token at every target position.
 
         With ``positions`` (a boolean (N, T) mask, e.g. the non-pad targets), only those positions go
         through the generator: logits (P, vocab) in row-major order, and no work on padding.
 
-        Hooks let a caller change what is decoded inside one forward call (so a DeepSpeed engine sees a
-        single forward, and dropout masks are shared): ``perturb`` replaces the encoder output (e.g. by
-        K noisy copies, N = K·B), and ``targets`` chooses the decoder input from the (perturbed) encoder
-        output instead of ``tgt_in`` (e.g. the network's own argmax predictions).
+        ``perturb`` replaces the encoder output inside the one forward call (so a DeepSpeed engine sees a
+        single forward), e.g. by K noisy copies, with ``tgt_in`` then of N = K·B rows.
         """
         enc = self.encode(src, src_lengths)
         if perturb is not None:
             enc = perturb(self, enc)
-        if targets is not None:
-            tgt_in = targets(self, enc)
-        if tgt_in is None:
-            raise ValueError("forward needs tgt_in or a targets hook")
         out, _ = self.decode(tgt_in, enc)
         return self.generator(out if positions is None else out[positions])
 

@@ -67,7 +67,8 @@ def build_network(name: str, short: str, seed: int, cfg: Config, vocab: Vocab, d
     # Every rank builds the same initial weights from the seed; ZeRO-3 partitions them from there.
     torch.manual_seed(seed)
     model = build_model(cfg.model, len(vocab), vocab.pad_id)
-    optimizer, scheduler = build_optimizer(list(model.parameters()), cfg.optim, cfg.model.hidden_size)
+    optimizer, scheduler = build_optimizer(list(model.parameters()), cfg.optim, cfg.model.hidden_size,
+                                           cfg.ami.adv_lr if cfg.ami.enabled else 0.0)
     return Network(name, short, build_engine(model, optimizer, scheduler, ds_config), train, valid)
 
 
@@ -84,8 +85,9 @@ def resolve_deepspeed(cfg: Config, preset_path: str, world_size: int) -> dict[st
 def build_schedule(cfg: Config) -> Schedule:
     ami = cfg.ami
     if not ami.enabled:
-        return Schedule(cfg.train.mle_steps, 0, 0, 0, 0)
-    return Schedule(cfg.train.mle_steps, ami.noise_steps, ami.forward_steps, ami.backward_steps, ami.cycles)
+        return Schedule(cfg.train.mle_steps, 0, 0, 0, 0, 0)
+    return Schedule(cfg.train.mle_steps, ami.noise_pretrain_steps, ami.noise_steps, ami.forward_steps,
+                    ami.backward_steps, ami.cycles)
 
 
 def build_run(cfg: Config, comm: Comm, run_dir: Path, tracker: Tracker, ds_configs: dict[str, dict],

@@ -132,6 +132,15 @@ def has_checkpoint(run_dir: Path) -> bool:
     return (checkpoint_root(run_dir) / "latest").is_file()
 
 
+def read_latest(network_dir: Path) -> str:
+    """The newest tag of one network's checkpoints (``checkpoints/<network>/latest``, DeepSpeed's pointer)."""
+    latest = Path(network_dir) / "latest"
+    if not latest.is_file():
+        raise UserError(f"{network_dir}: not a network's checkpoint directory (no 'latest' file in it; expected "
+                        "RUN_DIR/checkpoints/backward or the like)")
+    return latest.read_text(encoding="utf-8").strip()
+
+
 def latest_tag(run_dir: Path) -> str:
     """The tag of the newest complete checkpoint of a run."""
     latest = checkpoint_root(run_dir) / "latest"

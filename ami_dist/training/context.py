@@ -13,7 +13,7 @@ from ami_dist.data.vocab import Vocab
 from ami_dist.distributed.comm import Comm
 from ami_dist.tracking import Tracker
 from ami_dist.training.guard import StepGuard
-from ami_dist.training.schedule import Schedule
+from ami_dist.training.schedule import Schedule, Stage
 from ami_dist.training.synthetic import NoiseStream
 
 
@@ -47,6 +47,8 @@ class Run:
     noise: Any = None  # the noise network's DeepSpeed engine (AMI runs only)
     stream: NoiseStream | None = None  # this rank's latent-noise random stream
     step: int = 0  # batches consumed = global steps completed
+    stage: Stage | None = None  # the stage whose optimizer settings are in force (set by the loop)
+    critic: Any = None  # the fixed critic (a frozen backward network), once there is one
     bleu_signature: str = ""
 
     def network(self, name: str) -> Network:

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from ami_dist.data.batching import make_batch
 from ami_dist.decoding.greedy import greedy_decode
 from ami_dist.training.context import Network, Run
+from ami_dist.training.critic import load_fixed_critic
 from ami_dist.training.losses import sentence_nll, token_nll
 from ami_dist.training.metrics import distinct_n, mean_length
 
@@ -54,31 +55,44 @@ def evaluate_network(run: Run, net: Network) -> tuple[float, list[tuple[int, lis
 
 
 @torch.no_grad()
-def reconstruction_logq(run: Run, hyps: list[tuple[int, list[int]]]) -> float:
-    """Mean length-normalised log q_φ(S | T̂) of the forward network's outputs T̂ under the backward network.
+def reconstruction_logq(run: Run, hyps: list[tuple[int, list[int]]],
+                        critic: torch.nn.Module) -> list[tuple[int, float]]:
+    """Length-normalised log q_φ(S | T̂) of each of this rank's forward outputs T̂ under ``critic``.
 
-    The E[log q(S|T)] term of AMI's mutual-information lower bound, evaluated on the validation set.
-    ``hyps`` are this rank's (index, ids) from the forward network; every rank runs the same batches.
+    The E[log q(S|T)] term of AMI's mutual-information lower bound, per validation sentence. ``critic`` is
+    the backward network (or the fixed critic); every rank runs the same number of batches.
     """
     cfg, comm, vocab = run.cfg, run.comm, run.vocab
-    fw, bw = run.network("forward"), run.network("backward")
+    fw = run.network("forward")
     outputs = dict(hyps)
     batches = shard_batches([len(s) for s in fw.valid.src_ids], cfg.eval.batch_size, comm.rank, comm.world_size)
-    total, count = 0.0, 0
+    values: list[tuple[int, float]] = []
+    device = run.network("backward").engine.device
     for indices in batches:
         real = indices is not None
         rows = indices if real else [0]
         # An empty output is read as the single token EOS, as in training.
         sources = [outputs.get(i) or [vocab.eos_id] for i in rows]
         batch = make_batch(sources, [fw.valid.src_ids[i] for i in rows], vocab.pad_id, vocab.bos_id,
-                           vocab.eos_id).to(bw.engine.device)
-        logits = bw.engine.module(batch.src, batch.src_lengths, batch.tgt_in)
+                           vocab.eos_id).to(device)
+        logits = critic(batch.src, batch.src_lengths, batch.tgt_in)
         nll = sentence_nll(logits, batch.tgt_out, vocab.pad_id, length_normalise=True)
         if real:
-            total += float(-nll.sum())
-            count += len(rows)
-    total, count = comm.sum([total, float(count)])
-    return total / max(count, 1.0)
+            values.extend(zip(rows, (-nll).tolist(), strict=True))
+    return values
+
+
+def _logq_terms(run: Run, hyps: list[tuple[int, list[int]]]) -> dict[str, list[tuple[int, float]]]:
+    """log q(S|T̂) per sentence under the backward network (mi_logq) and under the fixed critic (mi_logq_fixed)."""
+    bw = run.network("backward").engine
+    bw.eval()
+    terms = {"mi_logq": reconstruction_logq(run, hyps, bw.module)}
+    bw.train()
+    if run.critic is None:
+        run.critic = load_fixed_critic(run)
+    if run.critic is not None:
+        terms["mi_logq_fixed"] = reconstruction_logq(run, hyps, run.critic)
+    return terms
 
 
 def evaluate(run: Run) -> dict[str, float]:
@@ -90,13 +104,10 @@ def evaluate(run: Run) -> dict[str, float]:
     for net in run.networks:
         net.engine.eval()
         ppl, hyps = evaluate_network(run, net)
-        if net.name == "forward":
-            bw = run.network("backward").engine
-            bw.eval()
-            mi_term = reconstruction_logq(run, hyps)
-            bw.train()
+        terms = _logq_terms(run, hyps) if net.name == "forward" else {}
         net.engine.train()
         gathered = comm.gather(hyps)
+        gathered_terms = {name: comm.gather(values) for name, values in terms.items()}
         if not comm.is_main:
             continue
         by_index = dict(pair for part in gathered for pair in part)
@@ -108,9 +119,12 @@ def evaluate(run: Run) -> dict[str, float]:
         metrics[f"valid/{net.short}_distinct1"] = distinct_n(outputs, 1)
         metrics[f"valid/{net.short}_distinct2"] = distinct_n(outputs, 2)
         metrics[f"valid/{net.short}_length"] = mean_length(outputs)
-        if net.name == "forward":
-            metrics["valid/mi_logq"] = mi_term
         _write_outputs(run, net, outputs)
+        for name, parts in gathered_terms.items():
+            values = dict(pair for part in parts for pair in part)
+            ordered = [values[i] for i in range(len(net.valid))]
+            metrics[f"valid/{name}"] = sum(ordered) / max(len(ordered), 1)
+            _write_values(run, f"{net.name}.step{run.step}.{name}", ordered)
     if comm.is_main:
         run.bleu_signature = str(bleu.get_signature())
         summary = "  ".join(f"{k.removeprefix('valid/')} {v:.2f}" for k, v in metrics.items())
@@ -118,6 +132,14 @@ def evaluate(run: Run) -> dict[str, float]:
         run.tracker.log_metrics(metrics, run.step)
         run.tracker.set_tags({"bleu_signature": run.bleu_signature})
     return metrics
+
+
+def _write_values(run: Run, name: str, values: list[float]) -> None:
+    """One number per validation sentence (for paired significance tests between runs)."""
+    path = run.run_dir / "valid" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("".join(f"{v:.6f}\n" for v in values), encoding="utf-8")
+    run.tracker.log_artifact(path, f"valid/step{run.step}")
 
 
 def _write_outputs(run: Run, net: Network, outputs: list[str]) -> None:

@@ -9,14 +9,29 @@ from tqdm import tqdm
 from ami_dist.distributed.preemption import Preemption
 from ami_dist.training.checkpoint import save_checkpoint
 from ami_dist.training.context import Run
+from ami_dist.training.critic import save_critic_snapshot
 from ami_dist.training.evaluation import evaluate
 from ami_dist.training.meter import Meter
 from ami_dist.training.phases import METRICS, backward_step, forward_step, mle_pretrain_step, noise_step
-from ami_dist.training.schedule import Phase, Position
+from ami_dist.training.schedule import Phase, Position, Stage
+from ami_dist.training.stages import set_stage
+
+
+def enter_stage(run: Run, stage: Stage) -> None:
+    """Put the stage's optimizer settings in force; as AMI starts, keep the backward network as fixed critic."""
+    if stage is run.stage:
+        return
+    starting_ami = stage is not Stage.MLE and run.stage in (None, Stage.MLE)
+    run.stage = stage
+    set_stage([net.engine.lr_scheduler for net in run.networks], stage)
+    if starting_ami and run.step == run.schedule.pretrain_steps and run.cfg.eval.fixed_critic is None:
+        save_critic_snapshot(run)
+        run.critic = None  # loaded again from the snapshot at the next evaluation
 
 
 def run_step(run: Run, position: Position, indices: list[int], meter: Meter) -> None:
     """One batch of whatever the schedule says is due."""
+    enter_stage(run, position.stage)
     adversarial = (position.step_in_phase + 1) % run.cfg.ami.adv_every == 0
     if position.phase is Phase.MLE:
         mle_pretrain_step(run, indices, meter)
@@ -46,6 +61,8 @@ def train(run: Run, preemption: Preemption | None = None) -> dict[str, float] | 
     meter = Meter(METRICS)
     batches = iter(run.sampler)
     tgt_lengths = run.network("forward").train.tgt_ids
+    if run.step < total:  # before a baseline evaluation, which then has the fixed critic of an AMI run
+        enter_stage(run, run.schedule.position(run.step).stage)
     if tc.eval_before_training and run.step == 0:
         evaluate(run)
     tokens = 0
@@ -74,6 +91,7 @@ def train(run: Run, preemption: Preemption | None = None) -> dict[str, float] | 
             # DeepSpeed counts the updates it skipped for a non-finite gradient norm, and checkpoints the count
             metrics["train/skipped_updates"] = float(sum(e.skipped_steps for e in _engines(run).values()))
             metrics["schedule/phase"] = float(position.phase)
+            metrics["schedule/stage"] = float(position.stage)
             metrics["schedule/cycle"] = float(position.cycle)
             for name, engine in _engines(run).items():
                 metrics[f"{name}/lr"] = engine.get_lr()[0]

@@ -38,15 +38,23 @@ def demotion_weights(real: torch.Tensor, synthetic: torch.Tensor) -> torch.Tenso
     return 1.0 - F.cosine_similarity(synthetic, real.unsqueeze(0).expand_as(synthetic), dim=-1)
 
 
-def backward_adversarial_loss(real_nll: torch.Tensor, synthetic_nll: torch.Tensor,
-                              weights: torch.Tensor) -> torch.Tensor:
-    """L_bw = mean_b NLL_φ(S | T) − mean_k,b [ w_k · NLL_φ(S | T̃_k) ].
+def backward_adversarial_loss(real_nll: torch.Tensor, synthetic_nll: torch.Tensor, weights: torch.Tensor,
+                              margin: float | None = None) -> torch.Tensor:
+    """L_bw = mean_b NLL_φ(S | T) − mean_k,b [ w_k · D_k ], the demotion D_k of synthetic pair k.
 
+    Unbounded (``margin`` None, the release's form): D_k = NLL_φ(S | T̃_k), so raising a synthetic pair's NLL
+    always pays, however far it already is above the real pair's; over long backward phases that can wreck
+    the critic whose log q rewards the forward network. Bounded: D_k = min(NLL_φ(S | T̃_k), NLL_φ(S | T) + m)
+    with the real pair's NLL a constant, so a synthetic pair is pushed down only until it is ``margin`` nats
+    per token (for length-normalised NLLs) below the real one, and its gradient vanishes past that.
     Each synthetic pair is weighted by its own w_k (shape (K, B), no broadcasting across sentences).
     """
     if weights.shape != synthetic_nll.shape:
         raise ValueError(f"weights {tuple(weights.shape)} must match synthetic_nll {tuple(synthetic_nll.shape)}")
-    return real_nll.mean() - (weights.detach() * synthetic_nll).mean()
+    demoted = synthetic_nll
+    if margin is not None:
+        demoted = torch.minimum(synthetic_nll, real_nll.detach().unsqueeze(0) + margin)
+    return real_nll.mean() - (weights.detach() * demoted).mean()
 
 
 def strength_loss(strength: torch.Tensor, mask: torch.Tensor, weight: float, cap: float) -> torch.Tensor:

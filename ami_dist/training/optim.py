@@ -6,6 +6,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from ami_dist.config.schema import OptimConfig
+from ami_dist.training.stages import StageLR, register_stage_lr
 
 
 def step_decay(step: int, start: int, every: int, factor: float) -> float:
@@ -25,9 +26,13 @@ def noam(step: int, model_dim: int, warmup: int) -> float:
     return model_dim**-0.5 * min(step**-0.5, step * warmup**-1.5)
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig,
-                    model_dim: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
-    """The network's optimizer and its LR scheduler; DeepSpeed steps the scheduler after each optimizer step."""
+def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, model_dim: int,
+                    adv_lr: float = 0.0) -> tuple[torch.optim.Optimizer, LambdaLR]:
+    """The network's optimizer and its LR scheduler; DeepSpeed steps the scheduler after each optimizer step.
+
+    The scheduler follows ``cfg``'s schedule until :func:`ami_dist.training.stages.set_stage` enters the
+    adversarial stage, where the rate is ``adv_lr`` (0: the schedule goes on).
+    """
     optimizer: torch.optim.Optimizer
     if cfg.name == "adam":
         # The fused kernel updates parameter and both moments in one multithreaded pass (CPU and GPU): on the
@@ -38,8 +43,11 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig,
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     # LambdaLR's argument counts completed steps, so the LR for 1-based step s is the multiplier of s.
     if cfg.schedule == "noam":
-        scheduler = LambdaLR(optimizer, lambda done: noam(done + 1, model_dim, cfg.warmup_steps))
+        multiplier = StageLR(lambda done: noam(done + 1, model_dim, cfg.warmup_steps), cfg.lr, adv_lr)
     else:
-        scheduler = LambdaLR(optimizer, lambda done: step_decay(done + 1, cfg.decay_start, cfg.decay_every,
-                                                                cfg.decay_factor))
+        multiplier = StageLR(lambda done: step_decay(done + 1, cfg.decay_start, cfg.decay_every, cfg.decay_factor),
+                             cfg.lr, adv_lr)
+    # A plain function, not the object: LambdaLR would put a callable object's attributes into its state dict.
+    scheduler = LambdaLR(optimizer, lambda done: multiplier(done))
+    register_stage_lr(scheduler, multiplier)
     return optimizer, scheduler

@@ -7,14 +7,15 @@ step, so nothing leaks from one phase into another engine's update.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ami_dist import ops
+from ami_dist.data.batching import Batch
 from ami_dist.distributed.engines import gradient_clipping
 from ami_dist.models.seq2seq import EncoderOutput, Seq2Seq
 from ami_dist.training.context import Network, Run
@@ -30,18 +31,33 @@ from ami_dist.training.objectives import (
     score_surrogate,
     strength_loss,
 )
-from ami_dist.training.synthetic import NoiseStream, Synthetic, argmax_targets, noisy_memory, rewards
+from ami_dist.training.stages import max_grad_norm
+from ami_dist.training.synthetic import (
+    NoiseStream,
+    Picks,
+    Synthetic,
+    argmax_targets,
+    gold_positions,
+    noisy_memory,
+    pick,
+    rewards,
+)
 
 METRICS = [
-    "fw/mle_nll", "bw/mle_nll", "fw/adv_loss", "fw/reward", "bw/real_logq", "bw/synth_logq",
-    "bw/demote_weight", "noise/strength", "noise/score_loss", "noise/reward",
+    "fw/mle_nll", "bw/mle_nll", "fw/adv_loss", "fw/reward", "fw/reward_std", "fw/distinct_samples",
+    "bw/real_logq", "bw/synth_logq", "bw/demote_weight", "bw/demoted_fraction", "noise/strength", "noise/loss",
+    "noise/reward", "noise/reward_std", "noise/distinct_samples",
 ]
-HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 @contextmanager
-def frozen(*engines: Any) -> Iterator[None]:
-    """Engines used as generator or critic: eval mode (no dropout) for the block, then back to train."""
+def eval_mode(*engines: Any) -> Iterator[None]:
+    """Engines in eval mode (no dropout) for the block, then back to train; gradients are the caller's choice.
+
+    Every pass that picks T̃ runs this way, in all three phases: T̃ then depends on the latent noise alone,
+    the one random choice the score-function terms account for (dropout masks would be a second source of
+    randomness in T̃ that the rewards then attribute to δ), and it is the model that decodes at test time.
+    """
     modes = [e.module.training for e in engines]
     for e in engines:
         e.module.eval()
@@ -52,9 +68,16 @@ def frozen(*engines: Any) -> Iterator[None]:
             e.module.train(mode)
 
 
-def _update(run: Run, name: str) -> Update:
-    """The guarded backward-and-step of one named update (see :mod:`ami_dist.training.guard`)."""
-    return lambda engine, loss: run.guard.update(engine, loss, name)
+def _update(run: Run, name: str, update_clip: float | None = None) -> Update:
+    """The guarded backward-and-step of one named update (see :mod:`ami_dist.training.guard`), clipped as the
+    stage says (:func:`ami_dist.training.stages.max_grad_norm`)."""
+    def update(engine: Any, loss: torch.Tensor) -> bool:
+        bound = max_grad_norm(run.stage, run.cfg.ami.adv_max_grad_norm, update_clip)
+        if bound is None:
+            return run.guard.update(engine, loss, name)
+        with gradient_clipping(engine, bound):
+            return run.guard.update(engine, loss, name)
+    return update
 
 
 def mle_pretrain_step(run: Run, indices: list[int], meter: Meter) -> None:
@@ -67,7 +90,7 @@ def mle_pretrain_step(run: Run, indices: list[int], meter: Meter) -> None:
 
 def _noise_mu(run: Run, memory: torch.Tensor) -> torch.Tensor:
     """μ from the noise network, as a frozen module (no gradient into ψ)."""
-    with torch.no_grad(), frozen(run.noise):
+    with torch.no_grad(), eval_mode(run.noise):
         return run.noise.module(memory.detach())
 
 
@@ -76,33 +99,50 @@ def _synthesize(run: Run, fw: Network, indices: list[int]) -> Synthetic:
     vocab, k = run.vocab, run.cfg.lns.k
     batch = fw.batch(indices, vocab)
     model: Seq2Seq = fw.engine.module
-    with torch.no_grad(), frozen(fw.engine):
+    with torch.no_grad(), eval_mode(fw.engine):
         enc = model.encode(batch.src, batch.src_lengths)
-        enc_k, _ = noisy_memory(model, enc, _noise_mu(run, enc.memory), k, run.cfg.lns.lam, run.stream)
-        synthetic = argmax_targets(model, enc_k, batch.tgt_in, batch.tgt_out, vocab.pad_id, vocab.bos_id,
-                                   vocab.eos_id)
-    return synthetic
+        enc_k, _, _ = noisy_memory(model, enc, _noise_mu(run, enc.memory), k, run.cfg.lns.scale, run.stream)
+        return argmax_targets(model, enc_k, batch.tgt_in, batch.tgt_out, vocab.pad_id, vocab.bos_id, vocab.eos_id)
 
 
 def _rewards(run: Run, bw: Network, synthetic: Synthetic, indices: list[int]) -> torch.Tensor:
     bw_batch = bw.batch(indices, run.vocab)  # its decoder side is the real source S
-    with frozen(bw.engine):
+    with eval_mode(bw.engine):
         return rewards(bw.engine.module, synthetic, bw_batch.tgt_in, bw_batch.tgt_out, run.cfg.lns.k,
                        run.vocab.pad_id, run.vocab.eos_id)
 
 
-def noise_step(run: Run, indices: list[int], meter: Meter) -> None:
-    """Train ψ: score-function term (R − b)·log p(δ) through lns_score_grad, plus the strength term."""
-    cfg, vocab, k, lam = run.cfg, run.vocab, run.cfg.lns.k, run.cfg.lns.lam
+def _sample_spread(meter: Meter, prefix: str, synthetic: Synthetic, reward: torch.Tensor) -> None:
+    """How different the K samples of a sentence are: if they seldom differ, every advantage is near 0."""
+    k = reward.size(0)
+    meter.add(f"{prefix}/distinct_samples", float(synthetic.distinct_per_sentence(k).sum()), reward.size(1))
+    spread = reward.std(dim=0, unbiased=False) if k > 1 else torch.zeros_like(reward[0])
+    meter.add(f"{prefix}/reward_std", float(spread.sum()), reward.size(1))
+    meter.add(f"{prefix}/reward", float(reward.sum()), reward.numel())
+
+
+@dataclass
+class NoiseObjective:
+    loss: torch.Tensor  # the noise network's loss (gradient reaches ψ through μ only)
+    strength: torch.Tensor  # (K, B, S) ‖δ_k‖ per position
+    mask: torch.Tensor  # (B, S) True at real source tokens
+    advantages: torch.Tensor  # (K, B)
+    synthetic: Synthetic
+    reward: torch.Tensor  # (K, B)
+
+
+def noise_objective(run: Run, indices: list[int], mu_of: Callable[[torch.Tensor], torch.Tensor]) -> NoiseObjective:
+    """The noise network's loss on a batch: −E[(R − b)·log p(δ | μ, σ)] through ``lns_score_grad`` of exactly the
+    draws ``lns_sample`` made, and −β·min(‖δ‖, cap) path-wise through the op. ``mu_of`` maps h to μ."""
+    cfg, vocab, k = run.cfg, run.vocab, run.cfg.lns.k
     fw, bw = run.network("forward"), run.network("backward")
     model: Seq2Seq = fw.engine.module
     batch = fw.batch(indices, vocab)
-    with frozen(fw.engine):
+    with eval_mode(fw.engine):
         with torch.no_grad():
             enc = model.encode(batch.src, batch.src_lengths)
-        mu = run.noise(enc.memory.detach())  # the one trained network here: gradient reaches ψ through μ
-        offset = run.stream.offset
-        enc_k, strength = noisy_memory(model, enc, mu, k, lam, run.stream)
+        mu = mu_of(enc.memory.detach())  # the one trained network here: gradient reaches ψ through μ
+        enc_k, strength, offset = noisy_memory(model, enc, mu, k, cfg.lns.scale, run.stream)
         synthetic = argmax_targets(model, enc_k, batch.tgt_in, batch.tgt_out, vocab.pad_id, vocab.bos_id,
                                    vocab.eos_id)
     reward = _rewards(run, bw, synthetic, indices)
@@ -114,55 +154,64 @@ def noise_step(run: Run, indices: list[int], meter: Meter) -> None:
         per_position = adv[:, :, None].expand(k, *enc.mask.shape)
         dmu = ops.lns_score_grad(mu.detach(), per_position, run.stream.seed, offset, mask=enc.mask)
         loss = loss + score_surrogate(mu, dmu, k, len(indices))
-    run.guard.update(run.noise, loss, "noise")
-    with torch.no_grad():
-        real = enc.mask.unsqueeze(0).expand_as(strength)
-        meter.add("noise/strength", float(strength[real].sum()), float(real.sum()))
-        meter.add("noise/reward", float(reward.sum()), reward.numel())
-        if lam > 0:
-            meter.add("noise/score_loss", float(-(adv * _log_density(enc, enc_k, mu, k, lam)).sum()), adv.numel())
+    return NoiseObjective(loss, strength.detach(), enc.mask, adv, synthetic, reward)
 
 
-def _log_density(enc: EncoderOutput, enc_k: EncoderOutput, mu: torch.Tensor, k: int, lam: float) -> torch.Tensor:
-    """log N(δ_k; μ, softplus(μ)) per sentence (K, B), with ε recovered from h̃ = h + λ(μ + σε)."""
-    with torch.no_grad():
-        sigma = torch.nn.functional.softplus(mu)
-        h_noisy = enc_k.memory.view(k, *enc.memory.shape)
-        eps = ((h_noisy - enc.memory) / lam - mu) / sigma
-        per_element = -torch.log(sigma) - 0.5 * eps.square() - HALF_LOG_2PI
-        return (per_element.sum(dim=-1) * enc.mask).sum(dim=-1)
+def noise_step(run: Run, indices: list[int], meter: Meter) -> None:
+    """Train ψ on one batch (noise pretraining and the noise phases of the cycles alike)."""
+    objective = noise_objective(run, indices, run.noise)
+    _update(run, "noise")(run.noise, objective.loss)
+    real = objective.mask.unsqueeze(0).expand_as(objective.strength)
+    meter.add("noise/strength", float(objective.strength[real].sum()), float(real.sum()))
+    meter.add("noise/loss", float(objective.loss.detach()))
+    _sample_spread(meter, "noise", objective.synthetic, objective.reward)
+
+
+@dataclass
+class ForwardObjective:
+    loss: torch.Tensor  # REINFORCE: mean_k,b (R_k − b)·NLL_θ(T̃_k | S, h̃_k)
+    nll: torch.Tensor  # (K, B) length-normalised NLL of T̃ under the pass that chose it (carries the gradient)
+    picks: Picks
+    reward: torch.Tensor  # (K, B)
+
+
+def forward_adversarial_objective(run: Run, indices: list[int], batch: Batch | None = None) -> ForwardObjective:
+    """The forward network's REINFORCE loss on a batch, with the backward network as critic.
+
+    One engine forward: encode, perturb K times, decode teacher-forced on the gold prefix (eval mode); T̃ is
+    the argmax of these logits and the same logits score it, length-normalised, so T̃ is reinforced under the
+    distribution it came from (the release's form; no second decode of T̃). ``batch`` is ``indices``' batch
+    when the caller has it already.
+    """
+    cfg, vocab, k = run.cfg, run.vocab, run.cfg.lns.k
+    fw, bw = run.network("forward"), run.network("backward")
+    batch = batch if batch is not None else fw.batch(indices, vocab)
+    inside = gold_positions(batch.tgt_out, k, vocab.pad_id)
+
+    def perturb(model: Seq2Seq, enc: EncoderOutput) -> EncoderOutput:
+        return noisy_memory(model, enc, _noise_mu(run, enc.memory), k, cfg.lns.scale, run.stream)[0]
+
+    with eval_mode(fw.engine):
+        logits = fw.engine(batch.src, batch.src_lengths, batch.tgt_in.repeat(k, 1), perturb=perturb, positions=inside)
+    picks = pick(logits, inside, vocab.pad_id, vocab.bos_id, vocab.eos_id)
+    nll = picks.nll(logits, vocab.pad_id).view(k, -1)
+    reward = _rewards(run, bw, picks.synthetic, indices)
+    return ForwardObjective(forward_adversarial_loss(nll, advantages(reward, cfg.ami.baseline)), nll, picks, reward)
 
 
 def forward_step(run: Run, indices: list[int], adversarial: bool, meter: Meter) -> None:
     """MLE on real pairs; with ``adversarial``, also REINFORCE on T̃ with the backward network as critic."""
-    cfg, vocab, k = run.cfg, run.vocab, run.cfg.lns.k
-    fw, bw = run.network("forward"), run.network("backward")
+    cfg, vocab = run.cfg, run.vocab
+    fw = run.network("forward")
     batch = fw.batch(indices, vocab)
     loss, ntok = mle_step(fw.engine, batch, vocab.pad_id, cfg.train.label_smoothing, _update(run, "forward MLE"))
     meter.add("fw/mle_nll", float(loss), ntok)
     if not adversarial:
         return
-    made: dict[str, Any] = {}
-
-    def perturb(model: Seq2Seq, enc: EncoderOutput) -> EncoderOutput:
-        enc_k, _ = noisy_memory(model, enc, _noise_mu(run, enc.memory), k, cfg.lns.lam, run.stream)
-        return enc_k
-
-    def targets(model: Seq2Seq, enc_k: EncoderOutput) -> torch.Tensor:
-        made["synthetic"] = argmax_targets(model, enc_k, batch.tgt_in, batch.tgt_out, vocab.pad_id,
-                                           vocab.bos_id, vocab.eos_id)
-        tgt_in, made["tgt_out"] = made["synthetic"].decoder_io(vocab.bos_id, vocab.eos_id, vocab.pad_id)
-        return tgt_in
-
-    # One engine forward: encode, perturb K times, pick T̃, score T̃ (same dropout masks throughout).
-    logits = fw.engine(batch.src, batch.src_lengths, perturb=perturb, targets=targets)
-    nll = sentence_nll(logits, made["tgt_out"], vocab.pad_id).view(k, len(indices))
-    reward = _rewards(run, bw, made["synthetic"], indices)
-    adv_loss = forward_adversarial_loss(nll, advantages(reward, cfg.ami.baseline))
-    with gradient_clipping(fw.engine, cfg.ami.fw_adv_clip):
-        run.guard.update(fw.engine, adv_loss, "forward adversarial")
-    meter.add("fw/adv_loss", float(adv_loss.detach()))
-    meter.add("fw/reward", float(reward.sum()), reward.numel())
+    objective = forward_adversarial_objective(run, indices, batch)
+    _update(run, "forward adversarial", cfg.ami.fw_adv_clip)(fw.engine, objective.loss)
+    meter.add("fw/adv_loss", float(objective.loss.detach()))
+    _sample_spread(meter, "fw", objective.picks.synthetic, objective.reward)
 
 
 def backward_step(run: Run, indices: list[int], adversarial: bool, meter: Meter) -> None:
@@ -191,12 +240,15 @@ def backward_step(run: Run, indices: list[int], adversarial: bool, meter: Meter)
     nll = sentence_nll(logits, torch.cat([real.tgt_out, real.tgt_out.repeat(k, 1)]), vocab.pad_id,
                        length_normalise=True)
     real_nll, syn_nll = nll[: len(indices)], nll[len(indices):].view(k, len(indices))
-    adv_loss = backward_adversarial_loss(real_nll, syn_nll, weights)
-    with gradient_clipping(bw.engine, cfg.ami.bw_adv_clip):
-        run.guard.update(bw.engine, adv_loss, "backward adversarial")
+    margin = cfg.ami.demotion_margin if cfg.ami.demotion == "bounded" else None
+    adv_loss = backward_adversarial_loss(real_nll, syn_nll, weights, margin)
+    _update(run, "backward adversarial", cfg.ami.bw_adv_clip)(bw.engine, adv_loss)
     meter.add("bw/real_logq", float(-real_nll.detach().sum()), len(indices))
     meter.add("bw/synth_logq", float(-syn_nll.detach().sum()), syn_nll.numel())
     meter.add("bw/demote_weight", float(weights.sum()), weights.numel())
+    if margin is not None:  # how many synthetic pairs are still inside the margin (and so still demoted)
+        inside_margin = syn_nll.detach() < real_nll.detach()[None] + margin
+        meter.add("bw/demoted_fraction", float(inside_margin.sum()), inside_margin.numel())
 
 
 def make_stream(seed: int, rank: int) -> NoiseStream:

@@ -106,3 +106,43 @@ def test_saved_config_round_trips(tiny: dict, tmp_path: Path) -> None:
     cfg = load_config(write_config(tmp_path, tiny), ["optim.lr=0.5"])
     save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+AMI = {"enabled": True, "noise_pretrain_steps": 2, "cycles": 1, "noise_steps": 1, "forward_steps": 2,
+       "backward_steps": 2, "adv_every": 1}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["lns.k=1"], "lns.k: 1 with ami.baseline: the baseline is the mean over K samples"),
+        (["lns.scale=0"], "lns.scale: 0 with ami.enabled: every one of the K perturbed copies would equal h"),
+        (["ami.score_term=false", "ami.strength_term=false"], "ami.score_term: the noise phases need score_term or "
+         "strength_term"),
+        (["ami.score_term=false", "ami.strength_weight=0"], "ami.strength_weight: 0 with score_term off"),
+        (["ami.adv_every=3"], "ami.adv_every: 3 is more than forward_steps (2) and backward_steps (2)"),
+        (["eval.fixed_critic=/nonexistent"], "eval.fixed_critic: checkpoint directory not found"),
+    ],
+)
+def test_ami_settings_that_would_silently_do_nothing_are_errors(tiny: dict, tmp_path: Path, overrides: list[str],
+                                                                 expected: str) -> None:
+    tiny["ami"] = dict(AMI)
+    path = write_config(tmp_path, tiny)
+    load_config(path)  # the base AMI config is fine
+    assert expected in _error(path, overrides)
+
+
+def test_silent_noop_checks_leave_working_settings_alone(tiny: dict, tmp_path: Path) -> None:
+    tiny["ami"] = dict(AMI)
+    path = write_config(tmp_path, tiny)
+    # one sample is fine without the baseline; no noise phases need no noise terms; MLE-only runs need nothing
+    load_config(path, ["lns.k=1", "ami.baseline=false"])
+    load_config(path, ["ami.noise_steps=0", "ami.noise_pretrain_steps=0", "ami.score_term=false",
+                       "ami.strength_term=false"])
+    load_config(path, ["ami.enabled=false", "lns.scale=0", "lns.k=1"])
+
+
+def test_renamed_key_says_what_it_became(tiny: dict, tmp_path: Path) -> None:
+    tiny["lns"] = {"lam": 0.1}
+    message = _error(write_config(tmp_path, tiny))
+    assert "lns.lam: renamed to lns.scale" in message

@@ -59,7 +59,11 @@ def test_full_recipes_load_and_have_the_appendix_sizes(recipe: str) -> None:
     count = sum(p.numel() for p in model.parameters())
     print(f"{recipe}: {count:,} parameters per network with a {vocab}-entry vocabulary")
     assert count == expected_parameters(recipe, vocab)
-    assert cfg.ami.enabled and cfg.lns.k == 5 and cfg.lns.lam == 0.1
+    assert cfg.ami.enabled and cfg.lns.k == 5
+    # the release's values (onmt/opts.py, train.sh): the scale of δ and the strength weight, read separately
+    assert (cfg.lns.scale, cfg.ami.strength_weight, cfg.ami.adv_max_grad_norm) == (1.0, 0.1, 0.1)
+    assert cfg.ami.noise_pretrain_steps == 10000 and cfg.ami.demotion == "bounded"
+    assert cfg.ami.strength_cap == pytest.approx((cfg.model.hidden_size / 64) ** 0.5, abs=0.05)
 
 
 def test_recipes_carry_the_appendix_optimisation_settings() -> None:
@@ -84,18 +88,20 @@ def test_cpu_small_twin_trains(recipe: str, tmp_path: Path) -> None:
     twin = ROOT / f"configs/{recipe}_cpu_small.yaml"
     full, small = load_config(ROOT / f"configs/{recipe}.yaml"), load_config(twin)
     same = ("model.family", "model.norm", "model.input_feed", "model.bidirectional", "optim.name",
-            "optim.schedule", "vocab.kind", "data.format", "ami.enabled", "lns.k", "lns.lam")
+            "optim.schedule", "vocab.kind", "data.format", "ami.enabled", "lns.k", "lns.scale",
+            "ami.strength_weight", "ami.demotion", "ami.adv_max_grad_norm", "ami.adv_lr")
     for key in same:
         section, name = key.split(".")
         assert getattr(getattr(small, section), name) == getattr(getattr(full, section), name), key
     proc = subprocess.run(
         [PYTHON, "ami_dist/train.py", "--config", str(twin), f"run.output_dir={tmp_path}", "tracking.enabled=false",
-         "train.mle_steps=3", "train.log_every=1", "data.valid_limit=16", "ami.cycles=1", "ami.noise_steps=1",
+         "train.mle_steps=3", "train.log_every=1", "data.valid_limit=16", "ami.cycles=1", "ami.noise_pretrain_steps=1",
+         "ami.noise_steps=1",
          "ami.forward_steps=2", "ami.backward_steps=2", "ami.adv_every=1"],
         cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "finished 8 steps" in proc.stdout
+    assert "finished 9 steps" in proc.stdout
 
 
 @pytest.mark.parametrize(

@@ -26,8 +26,8 @@ def test_each_phase_updates_only_its_engine(stage: int, tmp_path: Path) -> None:
         model={"emb_dim": 16, "hidden_size": 16, "dropout": 0.1},
         optim={"name": "adam", "lr": 0.003},
         lns={"k": 3},
-        ami={"enabled": True, "cycles": 2, "noise_steps": 2, "forward_steps": 2, "backward_steps": 2,
-             "adv_every": 1},
+        ami={"enabled": True, "noise_pretrain_steps": 2, "cycles": 2, "noise_steps": 2, "forward_steps": 2,
+             "backward_steps": 2, "adv_every": 1},
         tracking={"enabled": False},
     )
     proc = subprocess.run(
@@ -39,7 +39,9 @@ def test_each_phase_updates_only_its_engine(stage: int, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "records_rank0.json").read_text())
     records = result["records"]
-    assert [r["phase"] for r in records] == ["MLE"] * 2 + (["NOISE"] * 2 + ["FORWARD"] * 2 + ["BACKWARD"] * 2) * 2
+    # MLE pretraining, noise pretraining, then the cycles
+    assert [r["phase"] for r in records] == ["MLE"] * 2 + ["NOISE"] * 2 + (["NOISE"] * 2 + ["FORWARD"] * 2
+                                                                           + ["BACKWARD"] * 2) * 2
     for r in records:
         assert r["changed"] == TRAINED[r["phase"]], r
         assert r["got_gradient"] == TRAINED[r["phase"]], r  # no gradient leaks into a frozen engine

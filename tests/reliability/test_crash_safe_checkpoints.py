@@ -18,7 +18,7 @@ from tests.conftest import ROOT, subprocess_env, tiny_config, write_config
 pytestmark = pytest.mark.distributed
 
 LAUNCHER = str(ROOT / ".venv/bin/deepspeed") if (ROOT / ".venv/bin/deepspeed").exists() else "deepspeed"
-TOTAL = 24
+TOTAL = 26  # 12 MLE + 2 noise pretraining + 2 cycles of 6
 
 
 def _command(config: Path, run_dir: Path, port: int) -> list[str]:
@@ -47,7 +47,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
         train={"batch_size": 16, "mle_steps": 12, "log_every": 1, "save_every": 1, "keep_checkpoints": 2},
         model={"emb_dim": 16, "hidden_size": 16, "dropout": 0.1},
         optim={"name": "adam", "lr": 0.003}, lns={"k": 2},
-        ami={"enabled": True, "cycles": 2, "noise_steps": 2, "forward_steps": 2, "backward_steps": 2},
+        ami={"enabled": True, "noise_pretrain_steps": 2, "cycles": 2, "noise_steps": 2, "forward_steps": 2,
+             "backward_steps": 2},
         tracking={"experiment": "whole"},
     )
     proc = subprocess.run(_command(write_config(tmp, cfg, "whole.yaml"), tmp / "whole", 29680), cwd=ROOT,

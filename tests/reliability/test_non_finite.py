@@ -49,8 +49,10 @@ def _run(cfg: dict, name: str):
 def test_a_bad_step_on_one_rank_is_skipped_on_both(tmp_path: Path) -> None:
     # steps 1-4 MLE, 5-6 noise, 7-8 forward (8 adversarial), 9-10 backward
     proc, cfg = _launch(tmp_path, "skips", 29741, train={"mle_steps": 4},
-                        ami={"enabled": True, "cycles": 1, "noise_steps": 2, "forward_steps": 2,
-                             "backward_steps": 2},
+                        # a cap above ‖δ‖: the strength term moves the noise network even when the K samples
+                        # of a barely trained network are all alike (and every advantage is 0)
+                        ami={"enabled": True, "noise_pretrain_steps": 0, "cycles": 1, "noise_steps": 2,
+                             "forward_steps": 2, "backward_steps": 2, "strength_cap": 100.0},
                         fault={"nan_loss_steps": [3, 8], "nan_grad_steps": [5], "rank": 1})
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr

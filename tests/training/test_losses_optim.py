@@ -88,3 +88,53 @@ def test_adam_is_the_fused_kernel_and_matches_the_reference_update() -> None:
             optimizer.step()
     for a, b in zip(ours, reference, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_adversarial_stage_switches_the_learning_rate_at_once_and_back() -> None:
+    from ami_dist.training.schedule import Stage
+    from ami_dist.training.stages import set_stage
+
+    param = torch.nn.Parameter(torch.zeros(3))
+    cfg = OptimConfig(name="sgd", lr=1.0, decay_start=3, decay_every=2, decay_factor=0.5)
+    optimizer, scheduler = build_optimizer([param], cfg, model_dim=8, adv_lr=0.01)
+
+    def lr() -> float:
+        return optimizer.param_groups[0]["lr"]
+
+    def step() -> None:
+        optimizer.step()
+        scheduler.step()
+
+    step()
+    step()  # two steps done: the third uses the first decay
+    assert lr() == pytest.approx(0.5)
+    set_stage([scheduler], Stage.NOISE_PRETRAIN)
+    assert lr() == pytest.approx(0.5)  # noise pretraining does not touch the forward/backward networks' rates
+    set_stage([scheduler], Stage.ADVERSARIAL)
+    assert lr() == pytest.approx(0.01)  # for the very next update, not one step late
+    step()
+    step()
+    assert lr() == pytest.approx(0.01)  # constant through the stage
+    set_stage([scheduler], Stage.MLE)
+    assert lr() == pytest.approx(0.25)  # the schedule resumes where the step count is
+    # what the scheduler saves in a checkpoint holds no trace of the stage (it is derived from the step)
+    state = scheduler.state_dict()
+    assert set(state) >= {"base_lrs", "last_epoch"} and all(not callable(v) for v in state.values())
+    assert state["lr_lambdas"] == [None]
+    _, plain = build_optimizer([param], cfg, model_dim=8)  # adv_lr 0: the schedule goes on in every stage
+    set_stage([plain], Stage.ADVERSARIAL)
+    assert plain.optimizer.param_groups[0]["lr"] == pytest.approx(1.0)
+
+
+def test_adversarial_stage_bounds_every_update_and_the_smaller_bound_wins() -> None:
+    from ami_dist.training.schedule import Stage
+    from ami_dist.training.stages import max_grad_norm
+
+    assert max_grad_norm(Stage.MLE, 0.1) is None  # the engine's own optim.max_grad_norm
+    assert max_grad_norm(Stage.NOISE_PRETRAIN, 0.1) is None
+    assert max_grad_norm(Stage.ADVERSARIAL, 0.1) == 0.1
+    assert max_grad_norm(Stage.ADVERSARIAL, 0.0) is None
+    assert max_grad_norm(Stage.ADVERSARIAL, 0.1, update_clip=1.0) == 0.1  # the release: 1.0, then the optimizer's 0.1
+    assert max_grad_norm(Stage.ADVERSARIAL, 2.0, update_clip=1.0) == 1.0
+    assert max_grad_norm(Stage.ADVERSARIAL, 0.1, update_clip=0.0) == 0.1
+    assert max_grad_norm(None, 0.1, update_clip=0.0) == 0.0  # an adversarial update's "no clipping" outside it

@@ -15,7 +15,6 @@ from ami_dist.training.objectives import (
     demotion_weights,
     forward_adversarial_loss,
     mean_embeddings,
-    score_surrogate,
     strength_loss,
 )
 
@@ -155,13 +154,3 @@ def test_strength_loss_ignores_padding() -> None:
     a = torch.tensor([[[2.0, 0.0]]])
     b = torch.tensor([[[2.0, 50.0]]])
     assert strength_loss(a, mask, 1.0, 10.0) == strength_loss(b, mask, 1.0, 10.0) == -2.0
-
-
-def test_score_surrogate_has_the_score_function_gradient() -> None:
-    torch.manual_seed(0)
-    mu = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)  # B=3 sentences, 2 positions, D=5
-    adv = torch.tensor([[1.0, -2.0, 0.5], [-1.0, 2.0, -0.5]], dtype=torch.float64)  # (K=2, B=3)
-    per_position = adv[:, :, None].expand(2, 3, 2).contiguous()
-    dmu = ops.lns_score_grad(mu.detach(), per_position, seed=3, offset=0)
-    score_surrogate(mu, dmu, num_samples=2, num_sentences=3).backward()
-    torch.testing.assert_close(mu.grad, -dmu / 6)
