@@ -45,8 +45,8 @@ from ami_dist.training.synthetic import (
 
 METRICS = [
     "fw/mle_nll", "bw/mle_nll", "fw/adv_loss", "fw/reward", "fw/reward_std", "fw/distinct_samples",
-    "bw/real_logq", "bw/synth_logq", "bw/demote_weight", "bw/demoted_fraction", "noise/strength", "noise/loss",
-    "noise/reward", "noise/reward_std", "noise/distinct_samples",
+    "bw/real_logq", "bw/synth_logq", "bw/demote_weight", "bw/demoted_fraction", "noise/strength",
+    "noise/below_cap", "noise/memory_norm", "noise/loss", "noise/reward", "noise/reward_std", "noise/distinct_samples",
 ]
 
 
@@ -125,6 +125,7 @@ def _sample_spread(meter: Meter, prefix: str, synthetic: Synthetic, reward: torc
 class NoiseObjective:
     loss: torch.Tensor  # the noise network's loss (gradient reaches ψ through μ only)
     strength: torch.Tensor  # (K, B, S) ‖δ_k‖ per position
+    memory_norm: torch.Tensor  # (B, S) ‖h‖ per position, what s·δ perturbs
     mask: torch.Tensor  # (B, S) True at real source tokens
     advantages: torch.Tensor  # (K, B)
     synthetic: Synthetic
@@ -154,7 +155,8 @@ def noise_objective(run: Run, indices: list[int], mu_of: Callable[[torch.Tensor]
         per_position = adv[:, :, None].expand(k, *enc.mask.shape)
         dmu = ops.lns_score_grad(mu.detach(), per_position, run.stream.seed, offset, mask=enc.mask)
         loss = loss + score_surrogate(mu, dmu, k, len(indices))
-    return NoiseObjective(loss, strength.detach(), enc.mask, adv, synthetic, reward)
+    return NoiseObjective(loss, strength.detach(), enc.memory.detach().norm(dim=-1), enc.mask, adv, synthetic,
+                          reward)
 
 
 def noise_step(run: Run, indices: list[int], meter: Meter) -> None:
@@ -163,6 +165,12 @@ def noise_step(run: Run, indices: list[int], meter: Meter) -> None:
     _update(run, "noise")(run.noise, objective.loss)
     real = objective.mask.unsqueeze(0).expand_as(objective.strength)
     meter.add("noise/strength", float(objective.strength[real].sum()), float(real.sum()))
+    # The share of positions where the strength term has a gradient (‖δ‖ below the cap): where it is 0, only
+    # the score term trains the noise network.
+    below = objective.strength[real] < run.cfg.ami.strength_cap
+    meter.add("noise/below_cap", float(below.sum()), float(real.sum()))
+    # against ‖s·δ‖ = s·noise/strength: how much of h the perturbation leaves
+    meter.add("noise/memory_norm", float(objective.memory_norm[objective.mask].sum()), float(objective.mask.sum()))
     meter.add("noise/loss", float(objective.loss.detach()))
     _sample_spread(meter, "noise", objective.synthetic, objective.reward)
 
