@@ -23,9 +23,10 @@ from ami_dist.data.dialog import dialog_pairs, read_personachat
 from ami_dist.data.textio import read_lines
 from ami_dist.decoding.beam import beam_search
 from ami_dist.decoding.greedy import greedy_decode
-from ami_dist.decoding.rerank import Reranker, backward_logq
+from ami_dist.decoding.rerank import Reranker, backward_logq, source_logq
 from ami_dist.errors import UserError
 from ami_dist.export import Exported, load_exported
+from ami_dist.models import Seq2Seq
 from ami_dist.training.losses import token_nll
 from ami_dist.training.metrics import distinct_n, mean_length
 
@@ -94,18 +95,53 @@ def perplexity(exported: Exported, direction: str, sources: list[list[int]], ref
     return math.exp(min(nll / max(tokens, 1), 50.0))
 
 
+def load_critic(path: str, exported: Exported) -> Seq2Seq:
+    """The fixed critic: the backward network of an exported model file, or a network's checkpoint directory
+    (``RUN_DIR/checkpoints/backward``); either must fit the evaluated model's config and vocabulary."""
+    from ami_dist.training.critic import build_critic, critic_weights
+
+    if Path(path).is_dir():
+        return build_critic(critic_weights(path), exported.model_config, len(exported.vocab), exported.vocab.pad_id,
+                            path)
+    other = load_exported(path)
+    if other.vocab.to_bytes() != exported.vocab.to_bytes():
+        raise UserError(f"--fixed_critic {path}: its vocabulary is not the evaluated model's")
+    return other.networks["backward"]
+
+
+@torch.no_grad()
+def mi_logq(critic: Seq2Seq, hyps: list[list[int]], sources: list[list[int]], exported: Exported,
+            batch_size: int) -> list[float]:
+    """Length-normalised log q(S | T̂) of every source given its hypothesis, under ``critic``."""
+    vocab, values = exported.vocab, []
+    for start in range(0, len(sources), batch_size):
+        values += source_logq(critic, hyps[start : start + batch_size], sources[start : start + batch_size],
+                              pad_id=vocab.pad_id, bos_id=vocab.bos_id, eos_id=vocab.eos_id, length_normalise=True)
+    return values
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, float]:
     exported = load_exported(args.model)
     vocab = exported.vocab
     texts, refs = read_inputs(args, exported)
+    # a bad critic fails before anything is decoded or written
+    fixed = load_critic(args.fixed_critic, exported) if args.fixed_critic and args.direction == "forward" else None
     sources = vocab.encode_batch(texts)
-    hyps = [vocab.decode(ids) for ids in decode(args, exported, sources)]
+    hyp_ids = decode(args, exported, sources)
+    hyps = [vocab.decode(ids) for ids in hyp_ids]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     metrics = {"test/distinct1": distinct_n(hyps, 1), "test/distinct2": distinct_n(hyps, 2),
                "test/length": mean_length(hyps)}
     signature = ""
+    if args.direction == "forward":  # the mutual-information term, by the run's own backward network and a fixed one
+        critics = {"test/mi_logq": exported.networks["backward"]}
+        if fixed is not None:
+            critics["test/mi_logq_fixed"] = fixed
+        for key, critic in critics.items():
+            values = mi_logq(critic, hyp_ids, sources, exported, args.batch_size)
+            metrics[key] = sum(values) / max(len(values), 1)
     if refs is not None:
         bleu = BLEU(tokenize=args.tokenize or exported.source["eval"]["bleu_tokenize"])
         metrics["test/bleu"] = bleu.corpus_score(hyps, [refs]).score
@@ -163,6 +199,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_len_b", type=int, default=10)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--tokenize", help="sacreBLEU tokenizer (default: the run's eval.bleu_tokenize)")
+    p.add_argument("--fixed_critic", metavar="MODEL_OR_CHECKPOINT",
+                   help="also score log q(S|T̂) with this backward network (an exported model file or a run's "
+                   "checkpoints/backward directory), as test/mi_logq_fixed: the same critic for every model compared")
     p.add_argument("--no_mlflow", action="store_true", help="do not log the evaluation to MLflow")
     args = p.parse_args(argv)
     if args.beam < 1 or not 1 <= args.n_best <= args.beam:

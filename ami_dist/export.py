@@ -36,6 +36,7 @@ class Exported:
     networks: dict[str, Seq2Seq]
     vocab: Vocab
     source: dict[str, Any]  # run directory, tag, MLflow run and store, data and evaluation settings
+    model_config: ModelConfig  # what both networks are
 
 
 def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None) -> Path:
@@ -150,7 +151,7 @@ def load_exported(path: str | Path) -> Exported:
             first = str(e).strip().splitlines()[0][:200]
             raise UserError(f"{path}: the {name} network's weights do not fit its config ({first})") from None
         networks[name] = model.eval()
-    return Exported(networks, vocab, payload["source"])
+    return Exported(networks, vocab, payload["source"], model_cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

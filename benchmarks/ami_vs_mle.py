@@ -59,9 +59,6 @@ ARMS = {"ami": [], "ami-scale0.1": ["lns.scale=0.1"], "ami-unbounded": ["ami.dem
 
 
 def _train(run_dir: Path, task: Task, seed: int, overrides: list[str], work: Path, parent: str) -> Path:
-    if list((run_dir / "valid").glob("forward.step*.hyp")) and (run_dir / "mlflow_run_id").is_file():
-        print(f"  kept: {run_dir} (finished in an earlier invocation with this --work)", flush=True)
-        return run_dir
     name = f"{run_dir.parent.parent.name}-{run_dir.name}-s{seed}"
     return train_run(run_dir, task.config, [f"run.name={name}", f"run.seed={seed}", "train.save_every=0",
                                             "train.valid_every=0", "train.log_every=10", *task.common, *overrides],
@@ -182,7 +179,7 @@ def analyse(args: argparse.Namespace, work: Path, dirs: dict, parent: str, wall_
                 f"| {arm} | {np.mean([b - a for a, b, _ in bleu]):+.2f} | {' / '.join(f'{p:.3f}' for *_, p in bleu)} "
                 f"| {np.mean([b - a for a, b, _ in chrf]):+.2f} | {' / '.join(f'{p:.3f}' for *_, p in chrf)} "
                 f"| {d2.difference:+.4f} [{d2.low:+.4f}, {d2.high:+.4f}] | {d2.p_value:.3f} "
-                f"| {lq.difference:+.3f} [{lq.low:+.3f}, {lq.high:+.3f}] | {lq.p_value:.3f} |")
+                f"| {lq.difference:+.4f} [{lq.low:+.4f}, {lq.high:+.4f}] | {lq.p_value:.3f} |")
         lines += _diagnostics(client, dirs[task_name], args)
         _plots(client, work, task_name, dirs[task_name][args.seeds[0]], args.arms)
     return "\n".join(lines) + "\n"

@@ -14,9 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def train_run(run_dir: Path, config: str, overrides: list[str], store: Path, experiment: str,
               parent: str | None = None) -> Path:
     """``ami_dist/train.py --run_dir RUN_DIR`` in one process of one thread, tracked in ``store``; its output
-    goes to RUN_DIR.log. Returns the run directory; a failed run ends the experiment naming its log."""
+    goes to RUN_DIR.log. Returns the run directory; a failed run ends the experiment naming its log. A run
+    that finished in an earlier invocation (its log says so) is kept, so an interrupted experiment continues."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log_path = run_dir.parent / f"{run_dir.name}.log"
+    if log_path.is_file() and "\nfinished " in log_path.read_text(errors="replace"):
+        print(f"  kept: {run_dir} (it finished in an earlier invocation)", flush=True)
+        return run_dir
     cmd = [sys.executable, "ami_dist/train.py", "--config", config, "--run_dir", str(run_dir),
            "train.threads_per_rank=1", f"tracking.uri=sqlite:///{store}", f"tracking.experiment={experiment}",
            *([f"tracking.parent_run_id={parent}"] if parent else []), *overrides]
@@ -32,11 +36,17 @@ def train_run(run_dir: Path, config: str, overrides: list[str], store: Path, exp
 
 
 def create_parent(store: Path, experiment: str, name: str, tags: dict[str, str]) -> str:
-    """An MLflow run to nest an experiment's training runs under (``tracking.parent_run_id``)."""
+    """The MLflow run to nest an experiment's training runs under (``tracking.parent_run_id``): the one an
+    earlier invocation with this store made, if any (its kept runs are nested there), else a new one."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{store}")
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(
         experiment, artifact_location=(store.parent / "mlartifacts").as_uri())
+    earlier = client.search_runs([experiment_id], filter_string=f"tags.kind = 'experiment' and "
+                                 f"attributes.run_name = '{name}'", max_results=1)
+    if earlier:
+        client.update_run(earlier[0].info.run_id, status="RUNNING")
+        return earlier[0].info.run_id
     return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id

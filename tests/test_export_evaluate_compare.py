@@ -67,6 +67,18 @@ def test_export_reproduces_the_run_and_evaluate_reports_sacrebleu(runs: dict) ->
                                        filter_string="tags.kind = 'evaluation'")
     assert evaluation.data.tags["mlflow.parentRunId"] == run_id
     assert evaluation.data.metrics["test/bleu"] == pytest.approx(result["test/bleu"])
+    # log q(S|T̂) by the run's own backward network is the run's valid/mi_logq; a fixed critic scores it again:
+    # the same network (as a model file) the same, another run's backward network (its checkpoints) otherwise
+    assert result["test/mi_logq"] == pytest.approx(trained["valid/mi_logq"], rel=1e-4)
+    for critic, name in ((tmp / "model.pt", "same"), (runs["dirs"][1] / "checkpoints/backward", "other")):
+        _run(["-m", "ami_dist.evaluate", "--model", str(tmp / "model.pt"), "--src", str(tmp / "valid.en"),
+              "--ref", str(tmp / "valid.de"), "--out", str(tmp / f"{name}.hyp"), "--fixed_critic", str(critic)])
+        fixed = json.loads((tmp / f"{name}.hyp.json").read_text())["metrics"]["test/mi_logq_fixed"]
+        assert (fixed == pytest.approx(result["test/mi_logq"], rel=1e-6)) == (name == "same"), (name, fixed)
+    bad = _run(["-m", "ami_dist.evaluate", "--model", str(tmp / "model.pt"), "--src", str(tmp / "valid.en"),
+                "--fixed_critic", str(tmp / "valid.en"), "--out", str(tmp / "bad.hyp"), "--no_mlflow"], expect=2)
+    assert "valid.en: not a loadable ami-dist model file" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp / "bad.hyp").exists()  # refused before anything was written
     # beam search with MMI reranking runs through the same command
     _run(["-m", "ami_dist.evaluate", "--model", str(tmp / "model.pt"), "--src", str(tmp / "valid.en"),
           "--out", str(tmp / "mmi.hyp"), "--beam", "3", "--n_best", "3", "--rerank", "mmi", "--no_mlflow"])

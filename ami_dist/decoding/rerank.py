@@ -38,10 +38,21 @@ class Reranker:
 
 
 @torch.no_grad()
+def source_logq(backward: torch.nn.Module, outputs: Sequence[list[int]], sources: Sequence[list[int]], *, pad_id: int,
+                bos_id: int, eos_id: int, length_normalise: bool = False,
+                device: torch.device | str = "cpu") -> list[float]:
+    """log q(S | T) of each source S given the output T beside it, under a backward network, as one batch.
+
+    An empty output is read as the single token EOS (as in training); ``length_normalise`` divides by the
+    number of tokens of S (EOS included), the form of AMI's rewards and of ``valid/mi_logq``.
+    """
+    batch = make_batch([t or [eos_id] for t in outputs], list(sources), pad_id, bos_id, eos_id).to(device)
+    logits = backward(batch.src, batch.src_lengths, batch.tgt_in)
+    return (-sentence_nll(logits, batch.tgt_out, pad_id, length_normalise=length_normalise)).tolist()
+
+
 def backward_logq(backward: Seq2Seq, source: list[int], nbest: list[Hypothesis], *, pad_id: int, bos_id: int,
                   eos_id: int, device: torch.device | str = "cpu") -> list[float]:
     """log q(S | T) of the source under the backward network, for every hypothesis T of the n-best list."""
-    targets = [h.tokens or [eos_id] for h in nbest]  # an empty hypothesis is read as the single token EOS
-    batch = make_batch(targets, [source] * len(nbest), pad_id, bos_id, eos_id).to(device)
-    logits = backward(batch.src, batch.src_lengths, batch.tgt_in)
-    return (-sentence_nll(logits, batch.tgt_out, pad_id)).tolist()
+    return source_logq(backward, [h.tokens for h in nbest], [source] * len(nbest), pad_id=pad_id, bos_id=bos_id,
+                       eos_id=eos_id, device=device)

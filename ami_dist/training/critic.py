@@ -43,6 +43,19 @@ def critic_weights(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
     return consolidate(checkpoint_dir, read_latest(checkpoint_dir))
 
 
+def build_critic(weights: dict[str, torch.Tensor], model_cfg: Any, vocab_size: int, pad_id: int,
+                 where: str | Path) -> Seq2Seq:
+    """A frozen network of ``model_cfg`` holding ``weights`` (eval mode, no gradients), on the CPU."""
+    model = build_model(model_cfg, vocab_size, pad_id)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name not in weights or weights[name].shape != param.shape:
+                raise UserError(f"{where}: the fixed critic's weights do not fit the model ({name}): it must be a "
+                                "backward network of the same model config and vocabulary")
+            param.copy_(weights[name])
+    return model.eval().requires_grad_(False)
+
+
 def load_fixed_critic(run: Any) -> Seq2Seq | None:
     """The run's fixed critic on its device in eval mode, or None where there is none (yet)."""
     cfg = run.cfg
@@ -54,11 +67,5 @@ def load_fixed_critic(run: Any) -> Seq2Seq | None:
         where = str(run.run_dir / CRITIC_FILE)
     else:
         return None
-    model = build_model(cfg.model, len(run.vocab), run.vocab.pad_id)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name not in weights or weights[name].shape != param.shape:
-                raise UserError(f"{where}: the fixed critic's weights do not fit this run's model ({name}); "
-                                "eval.fixed_critic must be a backward network of the same model config and vocabulary")
-            param.copy_(weights[name])
-    return model.to(run.network("backward").engine.device).eval().requires_grad_(False)
+    critic = build_critic(weights, cfg.model, len(run.vocab), run.vocab.pad_id, where)
+    return critic.to(run.network("backward").engine.device)

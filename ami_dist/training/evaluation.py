@@ -12,11 +12,11 @@ import torch
 from sacrebleu.metrics import BLEU, CHRF
 from tqdm import tqdm
 
-from ami_dist.data.batching import make_batch
 from ami_dist.decoding.greedy import greedy_decode
+from ami_dist.decoding.rerank import source_logq
 from ami_dist.training.context import Network, Run
 from ami_dist.training.critic import load_fixed_critic
-from ami_dist.training.losses import sentence_nll, token_nll
+from ami_dist.training.losses import token_nll
 from ami_dist.training.metrics import distinct_n, mean_length
 
 
@@ -71,14 +71,11 @@ def reconstruction_logq(run: Run, hyps: list[tuple[int, list[int]]],
     for indices in batches:
         real = indices is not None
         rows = indices if real else [0]
-        # An empty output is read as the single token EOS, as in training.
-        sources = [outputs.get(i) or [vocab.eos_id] for i in rows]
-        batch = make_batch(sources, [fw.valid.src_ids[i] for i in rows], vocab.pad_id, vocab.bos_id,
-                           vocab.eos_id).to(device)
-        logits = critic(batch.src, batch.src_lengths, batch.tgt_in)
-        nll = sentence_nll(logits, batch.tgt_out, vocab.pad_id, length_normalise=True)
+        logq = source_logq(critic, [outputs.get(i, []) for i in rows], [fw.valid.src_ids[i] for i in rows],
+                           pad_id=vocab.pad_id, bos_id=vocab.bos_id, eos_id=vocab.eos_id, length_normalise=True,
+                           device=device)
         if real:
-            values.extend(zip(rows, (-nll).tolist(), strict=True))
+            values.extend(zip(rows, logq, strict=True))
     return values
 
 

@@ -21,3 +21,18 @@ def sentence_nll(logits: torch.Tensor, target: torch.Tensor, pad_id: int,
     if length_normalise:
         nll = nll / (target != pad_id).sum(dim=1).clamp(min=1)
     return nll
+
+
+def positions_nll(logits: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor, pad_id: int,
+                  length_normalise: bool = True) -> torch.Tensor:
+    """NLL of each row (N,) from the logits (P, vocab) of the P positions ``positions`` (N, T) picks, row-major.
+
+    ``targets`` (P,) is the token scored at each of those positions, ``pad_id`` where none is; with
+    ``length_normalise`` each row's sum is divided by its number of scored tokens.
+    """
+    per_position = F.cross_entropy(logits, targets, ignore_index=pad_id, reduction="none")
+    total = logits.new_zeros(positions.shape).masked_scatter(positions, per_position).sum(dim=1)
+    if not length_normalise:
+        return total
+    counts = torch.zeros_like(positions, dtype=torch.long).masked_scatter(positions, (targets != pad_id).long())
+    return total / counts.sum(dim=1).clamp(min=1)

@@ -13,11 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ami_dist import ops
 from ami_dist.models.seq2seq import EncoderOutput, Seq2Seq
-from ami_dist.training.losses import sentence_nll
+from ami_dist.training.losses import positions_nll
 
 
 @dataclass
@@ -66,11 +65,7 @@ class Picks:
 
     def nll(self, logits: torch.Tensor, pad_id: int) -> torch.Tensor:
         """(K·B,) length-normalised NLL of T̃ (and its EOS, where it was chosen) under ``logits`` (P, vocab)."""
-        per_position = F.cross_entropy(logits, self.targets, ignore_index=pad_id, reduction="none")
-        total = logits.new_zeros(self.inside.shape).masked_scatter(self.inside, per_position).sum(dim=1)
-        counts = torch.zeros_like(self.inside, dtype=torch.long).masked_scatter(
-            self.inside, (self.targets != pad_id).long()).sum(dim=1)
-        return total / counts.clamp(min=1)
+        return positions_nll(logits, self.targets, self.inside, pad_id)
 
 
 def pick(logits: torch.Tensor, inside: torch.Tensor, pad_id: int, bos_id: int, eos_id: int) -> Picks:
@@ -131,6 +126,7 @@ def rewards(backward: Callable[..., torch.Tensor], synthetic: Synthetic, src_in:
     ``src_in``/``src_out`` are the backward network's decoder input/output for the real sources (B, L).
     """
     tokens, lengths = synthetic.as_source(eos_id)
-    logits = backward(tokens, lengths, src_in.repeat(k, 1))
-    nll = sentence_nll(logits, src_out.repeat(k, 1), pad_id, length_normalise=True)
-    return -nll.view(k, -1)
+    target = src_out.repeat(k, 1)
+    real = target != pad_id  # the generator runs on S's real positions only, not on the padding
+    logits = backward(tokens, lengths, src_in.repeat(k, 1), positions=real)
+    return -positions_nll(logits, target[real], real, pad_id).view(k, -1)
