@@ -65,6 +65,7 @@ setup(
             "ami-export=ami_dist.export:main",
             "ami-evaluate=ami_dist.evaluate:main",
             "ami-compare=ami_dist.compare:main",
+            "ami-prepare=ami_dist.prepare:main",
         ]
     },
 )

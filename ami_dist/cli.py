@@ -67,12 +67,14 @@ def run_training(args: argparse.Namespace) -> int:
     """The whole run; returns the process exit code."""
     from ami_dist import ops
     from ami_dist.config import load_config
+    from ami_dist.data.prepare import ensure_prepared
+    from ami_dist.data.vocab import VOCAB_FILES
     from ami_dist.distributed import detect_launch, init_distributed, shutdown
     from ami_dist.distributed.preemption import EXIT_REQUEUE, Preemption
     from ami_dist.distributed.safe_load import check_resumable
     from ami_dist.distributed.watchdog import start_watchdog
     from ami_dist.tracking import NullTracker, Tracker, absolute_uri, make_tracker, resolve_uri
-    from ami_dist.training.build import build_run, make_run_dir, read_corpus, resolve_deepspeed
+    from ami_dist.training.build import build_run, make_run_dir, resolve_deepspeed
     from ami_dist.training.checkpoint import latest_tag, resume
     from ami_dist.training.loop import train
 
@@ -97,7 +99,12 @@ def run_training(args: argparse.Namespace) -> int:
     tag = latest_tag(resume_dir) if resume_dir is not None and _has_checkpoint(resume_dir, continuing) else None
     if tag is not None:  # a bad checkpoint fails here, before the ranks meet and the MLflow run is reopened
         check_resumable(resume_dir, tag, cfg)
-    train_pairs, valid_pairs = read_corpus(cfg)
+    # The corpus is prepared (checked, encoded, written memory-mappable) before the ranks meet: by the first
+    # rank of a machine to take the cache's lock, while the others wait on it; later starts find it there.
+    # A continuing run keeps the vocabulary in its run directory, so it never trains a new one.
+    run_vocab = resume_dir / VOCAB_FILES[cfg.vocab.kind] if resume_dir is not None else None
+    prepared_dir = ensure_prepared(cfg, run_vocab if run_vocab is not None and run_vocab.is_file() else None,
+                                   show=detect_launch().local_rank == 0)
     _quiet_libraries()
     comm = init_distributed(cfg.distributed.timeout_s, cfg.train.threads_per_rank)
     _quiet_libraries()
@@ -122,7 +129,7 @@ def run_training(args: argparse.Namespace) -> int:
             run_id_file.write_text(tracker.run_id + "\n")
             (run_dir / "mlflow_tracking_uri").write_text(absolute_uri(resolve_uri(cfg.tracking.uri)) + "\n")
             tracker.set_tags({"hosts": ",".join(sorted(set(hosts or [])))})
-        run = build_run(cfg, comm, run_dir, tracker, ds_configs, preset_path, train_pairs, valid_pairs)
+        run = build_run(cfg, comm, run_dir, tracker, ds_configs, preset_path, prepared_dir)
         if tag is not None:
             resume(run, tag)
             if comm.is_main:

@@ -153,9 +153,10 @@ def ami_worker(config: str, preset: str, steps: int, warmup: int, out: str) -> N
     import torch
 
     from ami_dist.config import load_config
+    from ami_dist.data.prepare import ensure_prepared
     from ami_dist.distributed import init_distributed
     from ami_dist.tracking import NullTracker
-    from ami_dist.training.build import build_run, make_run_dir, read_corpus, resolve_deepspeed
+    from ami_dist.training.build import build_run, make_run_dir, resolve_deepspeed
     from ami_dist.training.meter import Meter
     from ami_dist.training.phases import METRICS, forward_step
 
@@ -166,7 +167,7 @@ def ami_worker(config: str, preset: str, steps: int, warmup: int, out: str) -> N
         cfg.run.output_dir = tmp
         run_dir = make_run_dir(cfg, comm)
         run = build_run(cfg, comm, run_dir, NullTracker(), resolve_deepspeed(cfg, preset, comm.world_size), preset,
-                        *read_corpus(cfg))
+                        ensure_prepared(cfg, show=False))
         batches = iter(run.sampler)
         indices = [next(batches) for _ in range(warmup + steps)]
         tgt = run.network("forward").train.tgt_ids

@@ -114,9 +114,25 @@ ami_failure_reason() {  # the verdict the surviving ranks printed, else srun's s
     echo "${verdict:-srun exited with status $1 (rank logs: $AMI_RANK_LOGS)}"
 }
 
+ami_prepare() {  # ami_prepare CONFIG: the corpus checked and encoded once, before any rank starts
+    local config=$1 rc=0 overrides=()
+    read -r -a overrides <<<"${AMI_OVERRIDES:-}"
+    # A requeued job continues with the config its run was saved with; its prepared corpus is in the cache.
+    [[ -f $AMI_RUN_DIR/config.yaml ]] && config=$AMI_RUN_DIR/config.yaml overrides=()
+    ami_say "preparing the corpus of $config: one task per node (on a shared data.cache_dir the first takes the" \
+        "lock, the others find its result; a corpus prepared before is found in the cache at once)"
+    srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+        "$AMI_PYTHON" -m ami_dist.prepare --config "$config" --quiet "${overrides[@]}" || rc=$?
+    if ((rc != 0)); then
+        ami_say "error: preparing the corpus failed (status $rc); nothing was trained" >&2
+        exit "$rc"
+    fi
+}
+
 ami_train() {  # ami_train CONFIG [extra train.py arguments...]
     local config=$1 rc=0 overrides=()
     shift
+    ami_prepare "$config"
     read -r -a overrides <<<"${AMI_OVERRIDES:-}"
     # No --kill-on-bad-exit: a rank that dies must leave the others time to name it and to mark the MLflow
     # run (ami_dist/distributed/watchdog.py). --wait is the backstop for ranks that cannot: whatever still

@@ -95,6 +95,29 @@ def _dialog_not_utf8(tmp: Path, cfg: dict) -> list[str]:
     return []
 
 
+def _prepared(tmp: Path, cfg: dict) -> Path:
+    """The tiny config's corpus prepared into ``tmp/prepared``; the config then trains on it."""
+    from ami_dist.config import load_config
+    from ami_dist.data.prepare import prepare
+
+    raw = dict(cfg, data={**cfg["data"], "cache_dir": str(tmp / "cache")})
+    root = prepare(load_config(write_config(tmp, raw, "raw.yaml"), []), tmp / "prepared", show=False)
+    cfg["data"] = {"prepared": str(root), "valid_limit": cfg["data"]["valid_limit"]}
+    return root
+
+
+def _truncated_prepared_dir(tmp: Path, cfg: dict) -> list[str]:
+    ids = _prepared(tmp, cfg) / "train.tgt.bin"
+    ids.write_bytes(ids.read_bytes()[:1000])
+    return []
+
+
+def _mismatched_prepared_dir(tmp: Path, cfg: dict) -> list[str]:
+    _prepared(tmp, cfg)
+    cfg["data"]["lowercase"] = True
+    return []
+
+
 # --- recipes and DeepSpeed presets --------------------------------------------------------------------
 
 def _unknown_key(tmp: Path, cfg: dict) -> list[str]:
@@ -199,6 +222,10 @@ CASES: list[tuple[str, Setup, str]] = [
     ("dialog with broken turn numbering", _broken_turn_numbering,
      r"d\.txt:3: turn number 4 breaks the numbering \(expected 3"),
     ("dialog that is not UTF-8", _dialog_not_utf8, r"d\.txt:2: invalid UTF-8 \(byte 0xfc at column 4\)"),
+    ("prepared directory with a truncated file", _truncated_prepared_dir,
+     r"prepared: train\.tgt\.bin has 1000 bytes, the manifest says \d+ \(truncated or replaced\?\).*ami-prepare"),
+    ("prepared directory of other settings", _mismatched_prepared_dir,
+     r"data\.lowercase: .*prepared was prepared with False, this config says True"),
     ("unknown config key", _unknown_key, r"run\.yaml:\d+: train\.max_step: unknown key"),
     ("unknown config section", _unknown_section, r"run\.yaml:\d+: optimizer: unknown key \(known keys here: .*optim"),
     ("wrong type", _wrong_type, r"run\.yaml:\d+: train\.batch_size: expected an integer, got 'sixteen'"),
@@ -248,8 +275,15 @@ def test_bad_input_is_one_line_exit_2(name: str, setup: Setup, expected: str, tm
                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
     line = _one_error_line(proc)
     assert re.search(expected, line), line
-    # caught before training started: no run directory, no MLflow store
-    assert not (tmp_path / "runs").exists()
+    # caught before training started: no run directory, no prepared corpus, no MLflow store
+    _assert_nothing_written(tmp_path)
+
+
+def _assert_nothing_written(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    assert not [p for p in runs.iterdir() if p.name != ".prepared"] if runs.exists() else True
+    cache = runs / ".prepared"  # the prepare step's bookkeeping (lock, input digests) but no corpus
+    assert not [p for p in cache.iterdir() if p.is_dir() and p.name != "digests"] if cache.exists() else True
     assert not (tmp_path / "mlflow.db").exists()
 
 
@@ -257,15 +291,9 @@ def test_vocabulary_too_large_for_the_data_fails_cleanly(tmp_path: Path) -> None
     cfg = tiny_config(tmp_path, vocab={"size": 200000}, tracking={"enabled": True})
     proc = subprocess.run([PYTHON, "ami_dist/train.py", "--config", str(write_config(tmp_path, cfg))], cwd=ROOT,
                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    assert "ami-dist: error: vocab.size: sentencepiece cannot train a 200000-piece model" in proc.stderr
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=cfg["tracking"]["uri"])
-    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
-    assert run.info.status == "FAILED"
-    assert "vocab.size" in run.data.tags["failure_reason"]
+    line = _one_error_line(proc)
+    assert "ami-dist: error: vocab.size: sentencepiece cannot train a 200000-piece model" in line
+    _assert_nothing_written(tmp_path)  # the vocabulary is built when the corpus is prepared, before the run
 
 
 # --- checkpoints and exported models ------------------------------------------------------------------

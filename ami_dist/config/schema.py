@@ -49,8 +49,24 @@ class DataConfig:
     )
     lowercase: bool = spec(False, "lower-case all text (both sides) when it is read")
     valid_limit: int = spec(0, "evaluate on the first N validation pairs only (0 = all)", ge=0)
+    prepared: str | None = spec(
+        None, "a directory written by ami-prepare: train on it instead of raw text (the raw-file keys stay unset)"
+    )
+    cache_dir: str | None = spec(
+        None, "where raw text is prepared (token ids, memory-mapped by every rank) and found again on the next "
+        "start; null: <run.output_dir>/.prepared",
+    )
+    prepare_workers: int = spec(0, "processes that encode the corpus when preparing it (0 = every core)", ge=0)
 
     def validate(self, fail: Fail) -> None:
+        if self.prepared is not None:
+            if not Path(self.prepared).is_dir():
+                raise fail("prepared", f"not a directory: {self.prepared} (write one with ami-prepare)")
+            for key in ("train_src", "train_tgt", "valid_src", "valid_tgt", "train_file", "valid_file"):
+                if getattr(self, key) is not None:
+                    raise fail(key, "set together with data.prepared; give raw files or a prepared directory, "
+                               "not both")
+            return
         needed = (
             ("train_src", "train_tgt", "valid_src", "valid_tgt")
             if self.format == "parallel"
@@ -73,6 +89,11 @@ class VocabConfig:
     size: int = spec(8000, "vocabulary size, special tokens included", ge=8)
     model: str | None = spec(None, "an existing sentencepiece model / word list to use instead of training one")
     character_coverage: float = spec(1.0, "sentencepiece character coverage", gt=0, le=1)
+    sample_size: int = spec(
+        2_000_000, "sentencepiece trains on at most this many training sentences, half from each side, drawn "
+        "with sample_seed (all of them when the corpus is smaller)", gt=0,
+    )
+    sample_seed: int = spec(0, "seed of that sample and of sentencepiece's own randomness", ge=0)
 
     def validate(self, fail: Fail) -> None:
         if self.model is not None and not Path(self.model).is_file():
@@ -102,6 +123,10 @@ class OptimConfig:
 class TrainConfig:
     batch_size: int = spec(64, "sentence pairs per optimizer step, summed over ranks and accumulation", gt=0)
     grad_accum: int = spec(1, "micro-batches accumulated per optimizer step", gt=0)
+    batch_tokens: int = spec(
+        0, "batch by tokens: at most this many padded tokens per rank-batch (its sentences x the widest, "
+        "max(source, target + 1)); 0 = batch by sentences (train.batch_size)", ge=0,
+    )
     mle_steps: int = spec(
         1000, "MLE steps of both networks (with ami.enabled: the pretraining before the first cycle)", ge=0
     )
@@ -278,6 +303,7 @@ class FaultConfig:
     nan_loss_steps: list[int] = spec([], "make the loss NaN at these global steps (1-based) on fault.rank")
     nan_grad_steps: list[int] = spec([], "make the gradients NaN (loss finite) at these steps on fault.rank")
     rank: int = spec(0, "the rank that injects the faults", ge=0)
+    prepare_delay_s: float = spec(0.0, "sleep this long inside the data prepare step (a slow prepare)", ge=0)
 
 
 @dataclass
@@ -305,6 +331,11 @@ class Config:
             raise fail("train.mle_steps", "must be > 0 for an MLE-only run (ami.enabled is false)")
         if self.ami.enabled and self.train.grad_accum != 1:
             raise fail("train.grad_accum", "must be 1 with ami.enabled (each AMI step is one optimizer step)")
+        widest = max(self.data.max_src_len, self.data.max_tgt_len + 1)
+        if 0 < self.train.batch_tokens < widest:
+            raise fail("train.batch_tokens", f"{self.train.batch_tokens} is smaller than the widest training pair "
+                       f"allowed, max(data.max_src_len, data.max_tgt_len + 1) = {widest}; raise it to at least "
+                       f"{widest}")
         if self.ami.enabled and self.lns.scale == 0:
             raise fail("lns.scale", "0 with ami.enabled: every one of the K perturbed copies would equal h, so all "
                        "K samples T̃ are the same and every advantage is 0 (AMI would silently be MLE)")

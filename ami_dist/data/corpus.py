@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ami_dist.config.schema import DataConfig
@@ -12,18 +13,24 @@ from ami_dist.data.vocab import Vocab
 
 @dataclass
 class Split:
-    """One split: the raw text pairs (references for BLEU) and their ids under the shared vocabulary."""
+    """One split: its token ids under the shared vocabulary and, where kept, the raw text pairs.
 
-    pairs: list[tuple[str, str]]
-    src_ids: list[list[int]]
-    tgt_ids: list[list[int]]
+    ``src_ids[i]`` / ``tgt_ids[i]`` are sequences of ints: Python lists for data read in memory, views into
+    memory-mapped arrays for a prepared training corpus (:mod:`ami_dist.data.prepared`), which keeps no text
+    (``pairs`` is None); validation splits keep their text, the references BLEU is computed against.
+    """
+
+    pairs: list[tuple[str, str]] | None
+    src_ids: Sequence[Sequence[int]]
+    tgt_ids: Sequence[Sequence[int]]
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.src_ids)
 
     def reversed(self) -> Split:
         """The same pairs seen by the backward network (T→S)."""
-        return Split([(t, s) for s, t in self.pairs], self.tgt_ids, self.src_ids)
+        pairs = None if self.pairs is None else [(t, s) for s, t in self.pairs]
+        return Split(pairs, self.tgt_ids, self.src_ids)
 
 
 def read_split(cfg: DataConfig, split: str) -> list[tuple[str, str]]:

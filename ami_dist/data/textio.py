@@ -1,41 +1,80 @@
-"""Strict reading of UTF-8 text files: every problem is a DataError naming the file and line."""
+"""Strict reading of UTF-8 text files: every problem is a DataError naming the file and line.
+
+:func:`iter_lines` streams a file in constant memory (the prepare step reads corpora of millions of lines
+with it); :func:`read_lines` is the same check for files small enough to hold, such as validation sets.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 from ami_dist.errors import DataError
 
+_CHUNK = 1 << 20
 
-def read_lines(path: str | Path, *, allow_empty_lines: bool = False, max_chars: int | None = None) -> list[str]:
-    """The lines of a UTF-8 text file without their line endings.
 
-    Raises DataError for a missing or empty file, invalid UTF-8 (with the line it is on), unless
-    ``allow_empty_lines`` a blank line, and with ``max_chars`` a line longer than that many characters
-    (``data.max_line_chars``: a sign of text that was never split into sentences, or of a wrong file).
-    """
+def _open(path: str | Path):
     try:
-        raw = Path(path).read_bytes()
+        return open(path, "rb")
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory, expected a text file") from None
-    if not raw.strip():
-        raise DataError(f"{path}: file is empty")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        raise DataError(f"{path}:{line}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {column})") from None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the newline that ends the last line
-    lines = [line.removesuffix("\r") for line in lines]
-    for number, line in enumerate(lines, start=1):
-        if not allow_empty_lines and not line.strip():
-            raise DataError(f"{path}:{number}: empty line (every line must hold a sentence)")
-        if max_chars is not None and len(line) > max_chars:
-            raise DataError(f"{path}:{number}: line of {len(line)} characters is longer than data.max_line_chars "
-                            f"= {max_chars} (text not split into sentences, or the wrong file?)")
-    return lines
+
+
+def _rest_is_blank(f) -> bool:
+    while chunk := f.read(_CHUNK):
+        if chunk.strip():
+            return False
+    return True
+
+
+def iter_lines(path: str | Path, *, allow_empty_lines: bool = False, max_chars: int | None = None) -> Iterator[str]:
+    """The lines of a UTF-8 text file without their line endings, one at a time.
+
+    Raises DataError for a missing or empty (all-whitespace) file, invalid UTF-8 (with the line and column
+    it is on), unless ``allow_empty_lines`` a blank line, and with ``max_chars`` a line longer than that
+    many characters (``data.max_line_chars``: a sign of text that was never split into sentences, or of a
+    wrong file). Lines end at ``\\n`` only; a ``\\r`` before it is dropped.
+    """
+    f = _open(path)
+    with f:
+        seen_text = False
+        number = 0
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{number}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                f"{e.start + 1})") from None
+            line = line.removesuffix("\n").removesuffix("\r")
+            if not line.strip():
+                if not allow_empty_lines:
+                    if not seen_text and _rest_is_blank(f):
+                        raise DataError(f"{path}: file is empty")
+                    raise DataError(f"{path}:{number}: empty line (every line must hold a sentence)")
+            else:
+                seen_text = True
+            if max_chars is not None and len(line) > max_chars:
+                raise DataError(f"{path}:{number}: line of {len(line)} characters is longer than "
+                                f"data.max_line_chars = {max_chars} (text not split into sentences, or the "
+                                "wrong file?)")
+            yield line
+        if not seen_text:
+            raise DataError(f"{path}: file is empty")
+
+
+def read_lines(path: str | Path, *, allow_empty_lines: bool = False, max_chars: int | None = None) -> list[str]:
+    """Every line of ``path``, checked as :func:`iter_lines` checks them."""
+    return list(iter_lines(path, allow_empty_lines=allow_empty_lines, max_chars=max_chars))
+
+
+def count_lines(path: str | Path) -> int:
+    """How many lines :func:`iter_lines` yields for ``path`` (counted on bytes, without decoding)."""
+    count, last = 0, b"\n"
+    with _open(path) as f:
+        while chunk := f.read(_CHUNK):
+            count += chunk.count(b"\n")
+            last = chunk[-1:]
+    return count + (last != b"\n")

@@ -53,9 +53,13 @@ class SentencePieceVocab:
             )
 
     @classmethod
-    def train(cls, sentences: list[str], size: int, character_coverage: float = 1.0) -> SentencePieceVocab:
-        """Train a BPE model on ``sentences``; a size the data cannot support is a ConfigError on vocab.size."""
+    def train(cls, sentences: list[str], size: int, character_coverage: float = 1.0,
+              seed: int = 0) -> SentencePieceVocab:
+        """Train a BPE model on all of ``sentences`` (the caller samples a large corpus; see the prepare
+        step); a size the data cannot support is a ConfigError on vocab.size. ``seed`` is sentencepiece's
+        own random seed, so the same sentences always give the same model."""
         writer = io.BytesIO()
+        spm.set_random_generator_seed(seed)
         try:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=iter(sentences),
@@ -67,7 +71,7 @@ class SentencePieceVocab:
                 unk_id=UNK,
                 bos_id=BOS,
                 eos_id=EOS,
-                input_sentence_size=2_000_000,
+                input_sentence_size=max(len(sentences), 1),  # every sentence given: no sampling inside
                 num_threads=2,
                 minloglevel=2,
             )
@@ -108,8 +112,13 @@ class WordVocab:
         self._index = {w: i for i, w in enumerate(self._words)}
 
     @classmethod
-    def train(cls, sentences: list[str], size: int) -> WordVocab:
-        counts = Counter(tok for s in sentences for tok in tokenize(s))
+    def train(cls, sentences: Iterable[str], size: int) -> WordVocab:
+        return cls.from_counts(Counter(tok for s in sentences for tok in tokenize(s)), size)
+
+    @classmethod
+    def from_counts(cls, counts: Counter[str], size: int) -> WordVocab:
+        """The ``size`` most frequent words (ties by spelling) after the special tokens."""
+        counts = Counter(counts)
         extra = [TURN_SEPARATOR]
         for tok in extra:
             counts.pop(tok, None)
@@ -142,8 +151,8 @@ def vocab_from_bytes(kind: str, data: bytes) -> Vocab:
     raise ValueError(f"unknown vocabulary kind {kind!r}")
 
 
-def train_vocab(kind: str, sentences: list[str], size: int, character_coverage: float = 1.0) -> Vocab:
+def train_vocab(kind: str, sentences: list[str], size: int, character_coverage: float = 1.0, seed: int = 0) -> Vocab:
     """Build the shared vocabulary from the training sentences of both sides (deterministic for the data)."""
     if kind == "sentencepiece":
-        return SentencePieceVocab.train(sentences, size, character_coverage)
+        return SentencePieceVocab.train(sentences, size, character_coverage, seed)
     return WordVocab.train(sentences, size)

@@ -130,4 +130,20 @@ def check_resumable(run_dir: str | Path, tag: str, cfg: Any) -> None:
         raise UserError(f"{run_dir / 'checkpoints' / 'latest'}: names checkpoint {tag}, which has no files "
                         "(deleted or moved?)")
     for path in files:
-        safe_torch_load(path, "cpu", mmap=True)
+        state = safe_torch_load(path, "cpu", mmap=True)
+        if path.name == "rank0.pt" and isinstance(state, dict) and "vocab_sha256" in state:
+            _check_vocab(run_dir, cfg.vocab.kind, tag, state["vocab_sha256"])
+
+
+def _check_vocab(run_dir: Path, kind: str, tag: str, saved_sha: str) -> None:
+    """The run directory's vocabulary must be the one checkpoint ``tag`` was trained with."""
+    from ami_dist.data.prepared import sha256_file
+    from ami_dist.data.vocab import VOCAB_FILES
+
+    path = run_dir / VOCAB_FILES[kind]
+    if not path.is_file():
+        raise UserError(f"{path}: missing; checkpoint {tag} was trained with vocabulary sha256 {saved_sha[:12]} "
+                        "(restore the file)")
+    if sha256_file(path) != saved_sha:
+        raise UserError(f"{path}: vocabulary sha256 {sha256_file(path)[:12]}, but checkpoint {tag} was trained "
+                        f"with {saved_sha[:12]} (the file was changed or replaced; restore it)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -10,11 +11,12 @@ import torch
 
 from ami_dist.config import Config, flatten, save_config, to_dict
 from ami_dist.data.batching import ShardedBucketSampler
-from ami_dist.data.corpus import Split, encode_split, read_split
-from ami_dist.data.vocab import VOCAB_FILES, Vocab, train_vocab, vocab_from_bytes
+from ami_dist.data.corpus import Split
+from ami_dist.data.prepared import open_prepared, sha256_file
+from ami_dist.data.vocab import VOCAB_FILES, Vocab
 from ami_dist.distributed import Comm, build_engine, load_preset, resolve_ds_config
 from ami_dist.distributed.engines import load_module_weights, micro_batch_size
-from ami_dist.errors import ConfigError
+from ami_dist.errors import UserError
 from ami_dist.models import build_model
 from ami_dist.models.noise import NoiseNetwork
 from ami_dist.tracking import Tracker
@@ -23,11 +25,6 @@ from ami_dist.training.guard import StepGuard
 from ami_dist.training.optim import build_optimizer
 from ami_dist.training.phases import make_stream
 from ami_dist.training.schedule import Schedule
-
-
-def read_corpus(cfg: Config) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Raw training and validation pairs; read before the ranks meet so bad data fails fast everywhere."""
-    return read_split(cfg.data, "train"), read_split(cfg.data, "valid")
 
 
 def make_run_dir(cfg: Config, comm: Comm) -> Path:
@@ -46,20 +43,20 @@ def make_run_dir(cfg: Config, comm: Comm) -> Path:
     return Path(comm.on_main(create))
 
 
-def build_vocab(cfg: Config, comm: Comm, train_pairs: list[tuple[str, str]], run_dir: Path) -> Vocab:
-    """One vocabulary for both directions: built (or loaded) on rank 0, broadcast as bytes, saved in the run."""
+def save_vocab(cfg: Config, comm: Comm, vocab: Vocab, run_dir: Path) -> None:
+    """The run directory keeps the vocabulary its checkpoints are in; a continuing run must still have it."""
 
-    def build() -> bytes:
-        if cfg.vocab.model is not None:
-            vocab = vocab_from_bytes(cfg.vocab.kind, Path(cfg.vocab.model).read_bytes())
-        else:
-            sentences = [s for s, _ in train_pairs] + [t for _, t in train_pairs]
-            vocab = train_vocab(cfg.vocab.kind, sentences, cfg.vocab.size, cfg.vocab.character_coverage)
+    def save() -> None:
+        path = run_dir / VOCAB_FILES[vocab.kind]
         blob = vocab.to_bytes()
-        (run_dir / VOCAB_FILES[cfg.vocab.kind]).write_bytes(blob)
-        return blob
+        if path.is_file():
+            if sha256_file(path) != hashlib.sha256(blob).hexdigest():
+                raise UserError(f"{path}: sha256 {sha256_file(path)[:12]}, but the prepared data the run continues "
+                                f"on is encoded with {hashlib.sha256(blob).hexdigest()[:12]}")
+            return
+        path.write_bytes(blob)
 
-    return vocab_from_bytes(cfg.vocab.kind, comm.on_main(build))
+    comm.on_main(save)
 
 
 def build_network(name: str, short: str, seed: int, cfg: Config, vocab: Vocab, ds_config: dict, train: Split,
@@ -91,17 +88,14 @@ def build_schedule(cfg: Config) -> Schedule:
 
 
 def build_run(cfg: Config, comm: Comm, run_dir: Path, tracker: Tracker, ds_configs: dict[str, dict],
-              preset_path: str, train_pairs: list[tuple[str, str]], valid_pairs: list[tuple[str, str]]) -> Run:
-    vocab = build_vocab(cfg, comm, train_pairs, run_dir)
-    train, dropped = encode_split(train_pairs, vocab, cfg.data.max_src_len, cfg.data.max_tgt_len)
-    valid, _ = encode_split(valid_pairs, vocab)
-    if len(train) == 0:
-        raise ConfigError(f"data.max_src_len / data.max_tgt_len: all {len(train_pairs)} training pairs are "
-                          "longer than the limits")
+              preset_path: str, prepared_dir: Path) -> Run:
+    data = open_prepared(prepared_dir)  # every rank maps the same files; no text, no token lists
+    vocab, train, valid = data.vocab, data.train, data.valid
+    save_vocab(cfg, comm, vocab, run_dir)
     micro = micro_batch_size(cfg.train.batch_size, comm.world_size, cfg.train.grad_accum)
-    sampler = ShardedBucketSampler([len(s) for s in train.src_ids], [len(t) for t in train.tgt_ids], micro,
+    sampler = ShardedBucketSampler(train.src_ids.lengths(), train.tgt_ids.lengths(), micro,
                                    rank=comm.rank, world=comm.world_size, seed=cfg.run.seed,
-                                   bucket_batches=cfg.train.bucket_batches)
+                                   bucket_batches=cfg.train.bucket_batches, batch_tokens=cfg.train.batch_tokens)
     networks = [
         build_network("forward", "fw", cfg.run.seed, cfg, vocab, ds_configs["forward"], train, valid),
         build_network("backward", "bw", cfg.run.seed + 1, cfg, vocab, ds_configs["backward"], train.reversed(),
@@ -137,7 +131,9 @@ def build_run(cfg: Config, comm: Comm, run_dir: Path, tracker: Tracker, ds_confi
             "micro_batch_size": micro,
             "vocab_size": len(vocab),
             "train_pairs": len(train),
-            "train_pairs_dropped_too_long": dropped,
+            "train_pairs_dropped_too_long": sum(data.manifest["splits"]["train"]["dropped_too_long"].values()),
+            "prepared_data": str(data.root),
+            "vocab_sha256": data.vocab_sha256,
             "valid_pairs": len(valid),
             "params_per_network": n_params,
             "schedule_total_steps": run.schedule.total_steps,

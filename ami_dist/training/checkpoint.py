@@ -13,6 +13,7 @@ filesystem every rank sees (as on a cluster's shared storage).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -92,7 +93,8 @@ def save_checkpoint(run: Run) -> str:
     rank_dir = root / "ranks" / (tag + PARTIAL)
     rank_dir.mkdir(parents=True, exist_ok=True)
     torch.save({"torch_rng": torch.get_rng_state(),
-                "noise_offset": run.stream.offset if run.stream is not None else 0},
+                "noise_offset": run.stream.offset if run.stream is not None else 0,
+                "vocab_sha256": hashlib.sha256(run.vocab.to_bytes()).hexdigest()},
                rank_dir / f"rank{run.comm.rank}.pt")
     for partial in _tag_dirs(run, tag + PARTIAL):
         if partial.is_dir():

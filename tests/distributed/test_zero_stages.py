@@ -54,7 +54,7 @@ def test_zero_stage_trains_and_ranks_agree(stage: int, family: str, tmp_path: Pa
     # the two networks are different models (different seeds and directions), not one copied twice
     assert not torch.equal(rank0["forward"]["generator.weight"], rank0["backward"]["generator.weight"])
     # the single-file export consolidates the ZeRO shards into exactly these parameters
-    run_dir = next((tmp_path / "runs").iterdir())
+    run_dir = next(p for p in (tmp_path / "runs").iterdir() if not p.name.startswith("."))
     export = subprocess.run([PYTHON, "-m", "ami_dist.export", str(run_dir), "--out", str(tmp_path / "model.pt")],
                             cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert export.returncode == 0, export.stderr[-3000:]
