@@ -329,8 +329,6 @@ class Config:
     def validate(self, fail: Fail) -> None:
         if not self.ami.enabled and self.train.mle_steps == 0:
             raise fail("train.mle_steps", "must be > 0 for an MLE-only run (ami.enabled is false)")
-        if self.ami.enabled and self.train.grad_accum != 1:
-            raise fail("train.grad_accum", "must be 1 with ami.enabled (each AMI step is one optimizer step)")
         widest = max(self.data.max_src_len, self.data.max_tgt_len + 1)
         if 0 < self.train.batch_tokens < widest:
             raise fail("train.batch_tokens", f"{self.train.batch_tokens} is smaller than the widest training pair "

@@ -12,7 +12,14 @@ from ami_dist.training.context import Run
 from ami_dist.training.critic import save_critic_snapshot
 from ami_dist.training.evaluation import evaluate
 from ami_dist.training.meter import Meter
-from ami_dist.training.phases import METRICS, backward_step, forward_step, mle_pretrain_step, noise_step
+from ami_dist.training.phases import (
+    METRICS,
+    backward_adversarial,
+    forward_adversarial,
+    mle_pretrain_step,
+    network_mle,
+    noise_step,
+)
 from ami_dist.training.schedule import Phase, Position, Stage
 from ami_dist.training.stages import set_stage
 
@@ -29,18 +36,28 @@ def enter_stage(run: Run, stage: Stage) -> None:
         run.critic = None  # loaded again from the snapshot at the next evaluation
 
 
-def run_step(run: Run, position: Position, indices: list[int], meter: Meter) -> None:
-    """One batch of whatever the schedule says is due."""
+def run_step(run: Run, position: Position, micro: list[list[int]], meter: Meter) -> None:
+    """One optimizer step of whatever the schedule says is due, over ``train.grad_accum`` micro-batches.
+
+    Each update an engine makes in the step (the MLE update, then the adversarial one) accumulates its
+    gradient over all the micro-batches before the engine steps: DeepSpeed steps an engine at every
+    ``grad_accum``-th ``engine.step()`` call, so the calls of one update must come together.
+    """
     enter_stage(run, position.stage)
     adversarial = (position.step_in_phase + 1) % run.cfg.ami.adv_every == 0
     if position.phase is Phase.MLE:
-        mle_pretrain_step(run, indices, meter)
+        for indices in micro:
+            mle_pretrain_step(run, indices, meter)
     elif position.phase is Phase.NOISE:
-        noise_step(run, indices, meter)
-    elif position.phase is Phase.FORWARD:
-        forward_step(run, indices, adversarial, meter)
+        for indices in micro:
+            noise_step(run, indices, meter)
     else:
-        backward_step(run, indices, adversarial, meter)
+        forward = position.phase is Phase.FORWARD
+        adversarial_update = forward_adversarial if forward else backward_adversarial
+        batches = [network_mle(run, "forward" if forward else "backward", indices, meter) for indices in micro]
+        if adversarial:
+            for indices, batch in zip(micro, batches, strict=True):
+                adversarial_update(run, indices, batch, meter)
 
 
 def _engines(run: Run) -> dict[str, object]:
@@ -72,10 +89,9 @@ def train(run: Run, preemption: Preemption | None = None) -> dict[str, float] | 
     while run.step < end:
         position = run.schedule.position(run.step)
         run.guard.begin_step(run.step + 1)
-        for _ in range(tc.grad_accum):
-            indices = next(batches)
-            run_step(run, position, indices, meter)
-            tokens += sum(len(tgt_lengths[i]) + 1 for i in indices)
+        micro = [next(batches) for _ in range(tc.grad_accum)]
+        run_step(run, position, micro, meter)
+        tokens += sum(len(tgt_lengths[i]) + 1 for indices in micro for i in indices)
         run.step += 1
         progress.update(1)
         skipped = run.guard.end_step()

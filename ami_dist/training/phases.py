@@ -80,12 +80,20 @@ def _update(run: Run, name: str, update_clip: float | None = None) -> Update:
     return update
 
 
+def network_mle(run: Run, name: str, indices: list[int], meter: Meter) -> Batch:
+    """One network's MLE update on real pairs; returns its batch (for an adversarial update after it)."""
+    net = run.network(name)
+    batch = net.batch(indices, run.vocab)
+    loss, ntok = mle_step(net.engine, batch, run.vocab.pad_id, run.cfg.train.label_smoothing,
+                          _update(run, f"{name} MLE"))
+    meter.add(f"{net.short}/mle_nll", float(loss), ntok)
+    return batch
+
+
 def mle_pretrain_step(run: Run, indices: list[int], meter: Meter) -> None:
     """Both networks take an MLE step on the same pairs."""
     for net in run.networks:
-        loss, ntok = mle_step(net.engine, net.batch(indices, run.vocab), run.vocab.pad_id,
-                              run.cfg.train.label_smoothing, _update(run, f"{net.name} MLE"))
-        meter.add(f"{net.short}/mle_nll", float(loss), ntok)
+        network_mle(run, net.name, indices, meter)
 
 
 def _noise_mu(run: Run, memory: torch.Tensor) -> torch.Tensor:
@@ -207,30 +215,25 @@ def forward_adversarial_objective(run: Run, indices: list[int], batch: Batch | N
     return ForwardObjective(forward_adversarial_loss(nll, advantages(reward, cfg.ami.baseline)), nll, picks, reward)
 
 
-def forward_step(run: Run, indices: list[int], adversarial: bool, meter: Meter) -> None:
-    """MLE on real pairs; with ``adversarial``, also REINFORCE on T̃ with the backward network as critic."""
-    cfg, vocab = run.cfg, run.vocab
-    fw = run.network("forward")
-    batch = fw.batch(indices, vocab)
-    loss, ntok = mle_step(fw.engine, batch, vocab.pad_id, cfg.train.label_smoothing, _update(run, "forward MLE"))
-    meter.add("fw/mle_nll", float(loss), ntok)
-    if not adversarial:
-        return
+def forward_adversarial(run: Run, indices: list[int], batch: Batch, meter: Meter) -> None:
+    """The forward network's REINFORCE update on T̃, with the backward network as critic."""
     objective = forward_adversarial_objective(run, indices, batch)
-    _update(run, "forward adversarial", cfg.ami.fw_adv_clip)(fw.engine, objective.loss)
+    _update(run, "forward adversarial", run.cfg.ami.fw_adv_clip)(run.network("forward").engine, objective.loss)
     meter.add("fw/adv_loss", float(objective.loss.detach()))
     _sample_spread(meter, "fw", objective.picks.synthetic, objective.reward)
 
 
-def backward_step(run: Run, indices: list[int], adversarial: bool, meter: Meter) -> None:
-    """MLE on real pairs; with ``adversarial``, also demote synthetic pairs (S, T̃) by their own w_k."""
+def forward_step(run: Run, indices: list[int], adversarial: bool, meter: Meter) -> None:
+    """MLE on real pairs; with ``adversarial``, also REINFORCE on T̃ with the backward network as critic."""
+    batch = network_mle(run, "forward", indices, meter)
+    if adversarial:
+        forward_adversarial(run, indices, batch, meter)
+
+
+def backward_adversarial(run: Run, indices: list[int], real: Batch, meter: Meter) -> None:
+    """Demote synthetic pairs (S, T̃) by their own w_k, relative to the real pair."""
     cfg, vocab, k = run.cfg, run.vocab, run.cfg.lns.k
     fw, bw = run.network("forward"), run.network("backward")
-    real = bw.batch(indices, vocab)  # T -> S
-    loss, ntok = mle_step(bw.engine, real, vocab.pad_id, cfg.train.label_smoothing, _update(run, "backward MLE"))
-    meter.add("bw/mle_nll", float(loss), ntok)
-    if not adversarial:
-        return
     synthetic = _synthesize(run, fw, indices)
     syn_src, syn_lengths = synthetic.as_source(vocab.eos_id)
     model: Seq2Seq = bw.engine.module
@@ -257,6 +260,13 @@ def backward_step(run: Run, indices: list[int], adversarial: bool, meter: Meter)
     if margin is not None:  # how many synthetic pairs are still inside the margin (and so still demoted)
         inside_margin = syn_nll.detach() < real_nll.detach()[None] + margin
         meter.add("bw/demoted_fraction", float(inside_margin.sum()), inside_margin.numel())
+
+
+def backward_step(run: Run, indices: list[int], adversarial: bool, meter: Meter) -> None:
+    """MLE on real pairs; with ``adversarial``, also demote synthetic pairs (S, T̃) by their own w_k."""
+    real = network_mle(run, "backward", indices, meter)
+    if adversarial:
+        backward_adversarial(run, indices, real, meter)
 
 
 def make_stream(seed: int, rank: int) -> NoiseStream:

@@ -43,7 +43,7 @@ def main() -> None:
     while run.step < run.schedule.total_steps:
         position = run.schedule.position(run.step)
         got_gradient.clear()
-        run_step(run, position, next(batches), meter)
+        run_step(run, position, [next(batches)], meter)
         run.step += 1
         after = snapshot()
         changed = sorted(name for name in engines
