@@ -233,7 +233,7 @@ class _SplitWriter:
             self.files[side].close()
             lengths = np.concatenate(self.lengths[side]) if self.lengths[side] else np.zeros(0, np.int32)
             offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-            np.cumsum(lengths, out=offsets[1:])
+            np.cumsum(lengths, dtype=np.int64, out=offsets[1:])  # int64: past 2**31 tokens
             np.save(self.root / offsets_name(self.split, side), offsets)
             tokens[side] = int(offsets[-1])
         pairs = len(np.concatenate(self.lengths["src"])) if self.lengths["src"] else 0
