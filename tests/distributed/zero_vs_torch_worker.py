@@ -7,6 +7,7 @@ Run under torchrun with 1 or 2 ranks: ``zero_vs_torch_worker.py PRESET OPTIMIZER
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import sys
@@ -16,7 +17,7 @@ import torch
 
 from ami_dist.config.schema import OptimConfig, TrainConfig
 from ami_dist.data.batching import make_batch
-from ami_dist.distributed import build_engine, init_distributed, load_preset, resolve_ds_config
+from ami_dist.distributed import build_engine, init_distributed, load_preset, resolve_ds_config, shutdown
 from ami_dist.distributed.deepspeed_cpu import shared_memory_group, stats
 from ami_dist.models import ModelConfig, build_model
 from ami_dist.training.losses import token_nll
@@ -41,6 +42,7 @@ def loss_of(model, b) -> torch.Tensor:
 
 def main(preset: str, optimizer_name: str) -> None:
     comm = init_distributed(60, 1)
+    atexit.register(shutdown)  # an exit with the group alive can abort in gloo's teardown
     model_cfg = ModelConfig(emb_dim=16, hidden_size=16, enc_layers=1, dec_layers=1, dropout=0.0)
     optim_cfg = OptimConfig(name=optimizer_name, lr=0.5 if optimizer_name == "sgd" else 0.01, max_grad_norm=0.1)
     torch.manual_seed(3)
