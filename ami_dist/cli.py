@@ -67,7 +67,7 @@ def run_training(args: argparse.Namespace) -> int:
     """The whole run; returns the process exit code."""
     from ami_dist import ops
     from ami_dist.config import load_config
-    from ami_dist.data.prepare import ensure_prepared
+    from ami_dist.data.prepare import check_enough_pairs, ensure_prepared
     from ami_dist.data.vocab import VOCAB_FILES
     from ami_dist.distributed import detect_launch, init_distributed, shutdown
     from ami_dist.distributed.preemption import EXIT_REQUEUE, Preemption
@@ -105,6 +105,7 @@ def run_training(args: argparse.Namespace) -> int:
     run_vocab = resume_dir / VOCAB_FILES[cfg.vocab.kind] if resume_dir is not None else None
     prepared_dir = ensure_prepared(cfg, run_vocab if run_vocab is not None and run_vocab.is_file() else None,
                                    show=detect_launch().local_rank == 0)
+    check_enough_pairs(cfg, prepared_dir, detect_launch().world_size)
     _quiet_libraries()
     comm = init_distributed(cfg.distributed.timeout_s, cfg.train.threads_per_rank)
     _quiet_libraries()

@@ -69,3 +69,26 @@ def test_a_slow_prepare_trips_no_timeout_and_runs_once_per_machine(tmp_path: Pat
     assert sum(line.startswith("preparing ") for line in output.splitlines()) == 1, output[-3000:]  # one rank ...
     assert "waiting for another process preparing the same corpus" in output  # ... the other waited
     assert len(_manifests(tmp_path / "runs" / ".prepared")) == 1
+
+
+@pytest.mark.distributed
+def test_fewer_training_pairs_than_ranks_is_one_line_on_every_rank(tmp_path: Path) -> None:
+    (tmp_path / "one.en").write_text("a small corpus\n", encoding="utf-8")
+    (tmp_path / "one.de").write_text("ein kleiner Korpus\n", encoding="utf-8")
+    cfg = tiny_config(tmp_path, data={"train_src": str(tmp_path / "one.en"), "train_tgt": str(tmp_path / "one.de")},
+                      vocab={"kind": "words", "size": 50}, tracking={"enabled": False})
+    config = write_config(tmp_path, cfg)
+    procs = []
+    for rank in range(2):  # two ranks as srun starts them
+        env = {**subprocess_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29793"}
+        procs.append(subprocess.Popen([PYTHON, "ami_dist/train.py", "--config", str(config)], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 2, stderr[-2000:]
+        errors = [line for line in stderr.splitlines() if line.startswith("ami-dist: error:")]
+        assert errors == [f"ami-dist: error: {tmp_path / 'one.en'}: 1 training pairs (0 dropped as too long) for 2 "
+                          "ranks; every rank needs at least one pair a step"], stderr[-2000:]
+        assert "Traceback" not in stderr
+    assert not [p for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")]

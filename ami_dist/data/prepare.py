@@ -502,3 +502,15 @@ def ensure_prepared(cfg: Config, run_vocab: Path | None = None, show: bool = Tru
     if found is not None and read_manifest(found)["vocab"]["sha256"] == sha256_file(run_vocab):
         return found
     return prepare(cfg, vocab_file=run_vocab, show=show)
+
+
+def check_enough_pairs(cfg: Config, root: Path, world_size: int) -> None:
+    """Every rank needs a pair of every step: fewer training pairs than ranks is a UserError (before the
+    ranks meet) naming the corpus and the counts."""
+    train = read_manifest(root)["splits"]["train"]
+    if train["pairs"] >= world_size:
+        return
+    source = cfg.data.prepared or (cfg.data.train_src if cfg.data.format == "parallel" else cfg.data.train_file)
+    dropped = sum(train["dropped_too_long"].values())
+    raise DataError(f"{source}: {train['pairs']} training pairs ({dropped} dropped as too long) for {world_size} "
+                    f"ranks; every rank needs at least one pair a step")
