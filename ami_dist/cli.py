@@ -95,7 +95,8 @@ def run_training(args: argparse.Namespace) -> int:
     ops.set_impl(cfg.lns.impl)
     preset_path = args.deepspeed_config or cfg.distributed.deepspeed_config
     cfg.distributed.deepspeed_config = preset_path  # the saved config says which preset ran
-    ds_configs = resolve_deepspeed(cfg, preset_path, detect_launch().world_size)
+    launch = detect_launch()
+    ds_configs = resolve_deepspeed(cfg, preset_path, launch.world_size)
     tag = latest_tag(resume_dir) if resume_dir is not None and _has_checkpoint(resume_dir, continuing) else None
     if tag is not None:  # a bad checkpoint fails here, before the ranks meet and the MLflow run is reopened
         check_resumable(resume_dir, tag, cfg)
@@ -104,8 +105,8 @@ def run_training(args: argparse.Namespace) -> int:
     # A continuing run keeps the vocabulary in its run directory, so it never trains a new one.
     run_vocab = resume_dir / VOCAB_FILES[cfg.vocab.kind] if resume_dir is not None else None
     prepared_dir = ensure_prepared(cfg, run_vocab if run_vocab is not None and run_vocab.is_file() else None,
-                                   show=detect_launch().local_rank == 0)
-    check_enough_pairs(cfg, prepared_dir, detect_launch().world_size)
+                                   show=launch.local_rank == 0)
+    check_enough_pairs(cfg, prepared_dir, launch.world_size)
     _quiet_libraries()
     comm = init_distributed(cfg.distributed.timeout_s, cfg.train.threads_per_rank)
     _quiet_libraries()

@@ -58,8 +58,8 @@ from ami_dist.data.prepared import (
     read_manifest,
     sha256_file,
 )
-from ami_dist.data.textio import count_lines, iter_lines
-from ami_dist.data.vocab import VOCAB_FILES, SentencePieceVocab, Vocab, WordVocab, vocab_from_bytes
+from ami_dist.data.textio import count_lines, iter_lines, open_text_file
+from ami_dist.data.vocab import VOCAB_FILES, SentencePieceVocab, Vocab, WordVocab, vocab_from_bytes, vocab_sha256
 from ami_dist.errors import ConfigError, DataError, UserError
 
 CHUNK_PAIRS = 20_000  # pairs per encoding task
@@ -139,9 +139,7 @@ def make_spec(cfg: Config, vocab_file: Path | None = None) -> Spec:
     cache = cache_root(cfg)
     inputs = {}
     for key, path in input_files(cfg).items():
-        if not Path(path).is_file():
-            raise DataError(f"{path}: file not found" if not Path(path).exists()
-                            else f"{path}: is a directory, expected a text file")
+        open_text_file(path).close()  # a missing file or a directory: the readers' own error
         inputs[key] = {"path": os.path.abspath(path), "bytes": os.path.getsize(path),
                        "sha256": _digest(path, cache)}
     return Spec(inputs, settings(cfg), vocab_settings(cfg, vocab_file))
@@ -228,15 +226,14 @@ class _SplitWriter:
             self.lengths[side].append(lengths)
 
     def close(self) -> dict[str, Any]:
-        tokens = {}
+        tokens, pairs = {}, 0
         for side in SIDES:
             self.files[side].close()
             lengths = np.concatenate(self.lengths[side]) if self.lengths[side] else np.zeros(0, np.int32)
             offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
             np.cumsum(lengths, dtype=np.int64, out=offsets[1:])  # int64: past 2**31 tokens
             np.save(self.root / offsets_name(self.split, side), offsets)
-            tokens[side] = int(offsets[-1])
-        pairs = len(np.concatenate(self.lengths["src"])) if self.lengths["src"] else 0
+            tokens[side], pairs = int(offsets[-1]), len(lengths)
         return {"pairs": pairs, "read": self.read, "tokens": tokens,
                 "dropped_too_long": {"source": self.dropped["source"], "target": self.dropped["target"],
                                      "both": self.dropped["both"]}}
@@ -346,8 +343,7 @@ def _write(cfg: Config, spec: Spec, root: Path, vocab_file: Path | None, show: b
     started = time.perf_counter()
     scan, dialog_pairs = _scan_train(cfg, vocab_file is None, show)
     vocab = _build_vocab(cfg, scan, vocab_file)
-    vocab_blob = vocab.to_bytes()
-    (root / VOCAB_FILES[vocab.kind]).write_bytes(vocab_blob)
+    (root / VOCAB_FILES[vocab.kind]).write_bytes(vocab.to_bytes())
     dtype = "uint16" if len(vocab) <= 1 << 16 else "uint32"
     workers = _workers(cfg.data.prepare_workers)
     if cfg.fault.prepare_delay_s:
@@ -371,7 +367,7 @@ def _write(cfg: Config, spec: Spec, root: Path, vocab_file: Path | None, show: b
         f.writelines(json.dumps(list(pair), ensure_ascii=False) + "\n" for pair in valid_pairs)
     files = {p.name: p.stat().st_size for p in sorted(root.iterdir()) if p.is_file()}
     vocab_info = {"kind": vocab.kind, "file": VOCAB_FILES[vocab.kind], "size": len(vocab),
-                  "sha256": hashlib.sha256(vocab_blob).hexdigest(),
+                  "sha256": vocab_sha256(vocab),
                   "source": "given" if vocab_file is not None else "trained"}
     if vocab_file is None and vocab.kind == "sentencepiece":
         vocab_info["trained_on_sentences"] = len(scan.sample)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from ami_dist.errors import DataError
 
 _CHUNK = 1 << 20
 
 
-def _open(path: str | Path):
+def open_text_file(path: str | Path) -> BinaryIO:
+    """``path`` opened for reading bytes; a missing file or a directory is a DataError naming it."""
     try:
         return open(path, "rb")
     except FileNotFoundError:
@@ -38,7 +40,7 @@ def iter_lines(path: str | Path, *, allow_empty_lines: bool = False, max_chars: 
     many characters (``data.max_line_chars``: a sign of text that was never split into sentences, or of a
     wrong file). Lines end at ``\\n`` only; a ``\\r`` before it is dropped.
     """
-    f = _open(path)
+    f = open_text_file(path)
     with f:
         seen_text = False
         number = 0
@@ -73,7 +75,7 @@ def read_lines(path: str | Path, *, allow_empty_lines: bool = False, max_chars: 
 def count_lines(path: str | Path) -> int:
     """How many lines :func:`iter_lines` yields for ``path`` (counted on bytes, without decoding)."""
     count, last = 0, b"\n"
-    with _open(path) as f:
+    with open_text_file(path) as f:
         while chunk := f.read(_CHUNK):
             count += chunk.count(b"\n")
             last = chunk[-1:]

@@ -7,6 +7,7 @@ once and broadcast it, which works whether or not the nodes share a filesystem.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections import Counter
 from collections.abc import Iterable
@@ -140,6 +141,11 @@ class WordVocab:
 
     def to_bytes(self) -> bytes:
         return "\n".join(self._words).encode("utf-8") + b"\n"
+
+
+def vocab_sha256(vocab: Vocab) -> str:
+    """The vocabulary's identity: sha256 of its serialised bytes (its file in a run or prepared directory)."""
+    return hashlib.sha256(vocab.to_bytes()).hexdigest()
 
 
 def vocab_from_bytes(kind: str, data: bytes) -> Vocab:

@@ -144,6 +144,7 @@ def _check_vocab(run_dir: Path, kind: str, tag: str, saved_sha: str) -> None:
     if not path.is_file():
         raise UserError(f"{path}: missing; checkpoint {tag} was trained with vocabulary sha256 {saved_sha[:12]} "
                         "(restore the file)")
-    if sha256_file(path) != saved_sha:
-        raise UserError(f"{path}: vocabulary sha256 {sha256_file(path)[:12]}, but checkpoint {tag} was trained "
+    found = sha256_file(path)
+    if found != saved_sha:
+        raise UserError(f"{path}: vocabulary sha256 {found[:12]}, but checkpoint {tag} was trained "
                         f"with {saved_sha[:12]} (the file was changed or replaced; restore it)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from ami_dist.config import Config, flatten, save_config, to_dict
 from ami_dist.data.batching import ShardedBucketSampler
 from ami_dist.data.corpus import Split
 from ami_dist.data.prepared import open_prepared, sha256_file
-from ami_dist.data.vocab import VOCAB_FILES, Vocab
+from ami_dist.data.vocab import VOCAB_FILES, Vocab, vocab_sha256
 from ami_dist.distributed import Comm, build_engine, load_preset, resolve_ds_config
 from ami_dist.distributed.engines import load_module_weights, micro_batch_size
 from ami_dist.errors import UserError
@@ -48,13 +47,13 @@ def save_vocab(cfg: Config, comm: Comm, vocab: Vocab, run_dir: Path) -> None:
 
     def save() -> None:
         path = run_dir / VOCAB_FILES[vocab.kind]
-        blob = vocab.to_bytes()
         if path.is_file():
-            if sha256_file(path) != hashlib.sha256(blob).hexdigest():
-                raise UserError(f"{path}: sha256 {sha256_file(path)[:12]}, but the prepared data the run continues "
-                                f"on is encoded with {hashlib.sha256(blob).hexdigest()[:12]}")
+            saved, prepared = sha256_file(path), vocab_sha256(vocab)
+            if saved != prepared:
+                raise UserError(f"{path}: sha256 {saved[:12]}, but the prepared data the run continues on is "
+                                f"encoded with {prepared[:12]}")
             return
-        path.write_bytes(blob)
+        path.write_bytes(vocab.to_bytes())
 
     comm.on_main(save)
 

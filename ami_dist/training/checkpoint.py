@@ -13,7 +13,6 @@ filesystem every rank sees (as on a cluster's shared storage).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from ami_dist.config import SCHEMA_VERSION
+from ami_dist.data.vocab import vocab_sha256
 from ami_dist.distributed.safe_load import safe_torch_load
 from ami_dist.errors import UserError
 from ami_dist.training.context import Run
@@ -94,7 +94,7 @@ def save_checkpoint(run: Run) -> str:
     rank_dir.mkdir(parents=True, exist_ok=True)
     torch.save({"torch_rng": torch.get_rng_state(),
                 "noise_offset": run.stream.offset if run.stream is not None else 0,
-                "vocab_sha256": hashlib.sha256(run.vocab.to_bytes()).hexdigest()},
+                "vocab_sha256": vocab_sha256(run.vocab)},
                rank_dir / f"rank{run.comm.rank}.pt")
     for partial in _tag_dirs(run, tag + PARTIAL):
         if partial.is_dir():

@@ -224,7 +224,8 @@ def forward_adversarial(run: Run, indices: list[int], batch: Batch, meter: Meter
 
 
 def forward_step(run: Run, indices: list[int], adversarial: bool, meter: Meter) -> None:
-    """MLE on real pairs; with ``adversarial``, also REINFORCE on T̃ with the backward network as critic."""
+    """One forward-phase batch without accumulation: MLE on real pairs, then with ``adversarial`` REINFORCE on
+    T̃ (what the training loop's ``run_step`` does for G = 1; benchmarks time it on its own)."""
     batch = network_mle(run, "forward", indices, meter)
     if adversarial:
         forward_adversarial(run, indices, batch, meter)
@@ -260,13 +261,6 @@ def backward_adversarial(run: Run, indices: list[int], real: Batch, meter: Meter
     if margin is not None:  # how many synthetic pairs are still inside the margin (and so still demoted)
         inside_margin = syn_nll.detach() < real_nll.detach()[None] + margin
         meter.add("bw/demoted_fraction", float(inside_margin.sum()), inside_margin.numel())
-
-
-def backward_step(run: Run, indices: list[int], adversarial: bool, meter: Meter) -> None:
-    """MLE on real pairs; with ``adversarial``, also demote synthetic pairs (S, T̃) by their own w_k."""
-    real = network_mle(run, "backward", indices, meter)
-    if adversarial:
-        backward_adversarial(run, indices, real, meter)
 
 
 def make_stream(seed: int, rank: int) -> NoiseStream:
