@@ -108,7 +108,8 @@ def run_training(args: argparse.Namespace) -> int:
                                    show=launch.local_rank == 0)
     check_enough_pairs(cfg, prepared_dir, launch.world_size)
     _quiet_libraries()
-    comm = init_distributed(cfg.distributed.timeout_s, cfg.train.threads_per_rank)
+    comm = init_distributed(cfg.distributed.timeout_s, cfg.train.threads_per_rank,
+                            cfg.distributed.deepspeed_adapter)
     _quiet_libraries()
     watchdog = start_watchdog(comm.rank, comm.world_size, cfg.distributed.failure_timeout_s,
                               catch_sigterm=cfg.distributed.preempt_signal != "SIGTERM")

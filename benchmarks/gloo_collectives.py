@@ -1,4 +1,5 @@
-"""Gloo's collectives against what ami-dist uses in their place (distributed/deepspeed_cpu.py, shm_collectives.py).
+"""Gloo's collectives against what ami-dist uses in their place (distributed/deepspeed_adapter/zero_cpu.py,
+shm_collectives.py).
 
 ZeRO-1/2 all-reduce the gradients and gather every rank's slice of the updated weights at each optimizer
 step. Launched on 2 local ranks with 1 thread each (as the 2-rank training benchmark runs), this times, on
@@ -24,7 +25,7 @@ def worker(numel: int, repeats: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from ami_dist.distributed.deepspeed_cpu import all_gather_by_broadcast
+    from ami_dist.distributed.deepspeed_adapter.zero_cpu import all_gather_by_broadcast
     from ami_dist.distributed.shm_collectives import SharedMemoryGroup
 
     dist.init_process_group("gloo")

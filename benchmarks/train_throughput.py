@@ -98,7 +98,8 @@ def worker(variant: str, config: str, preset: str, steps: int, warmup: int, out:
         from ami_dist.distributed import build_engine, init_distributed
         from ami_dist.training.build import resolve_deepspeed
 
-        comm = init_distributed(cfg.distributed.timeout_s, cfg.train.threads_per_rank)
+        comm = init_distributed(cfg.distributed.timeout_s, cfg.train.threads_per_rank,
+                                cfg.distributed.deepspeed_adapter)
         rank, world = comm.rank, comm.world_size
     vocab, batches = _batches(cfg, world, rank, warmup + steps)
     torch.manual_seed(cfg.run.seed)
@@ -121,8 +122,8 @@ def worker(variant: str, config: str, preset: str, steps: int, warmup: int, out:
 
         engine = build_engine(model, optimizer, scheduler, resolve_deepspeed(cfg, preset, world)["forward"])
 
-        def step(batch) -> int:
-            return mle_step(engine, batch, vocab.pad_id, cfg.train.label_smoothing)[1]
+        def step(batch) -> int:  # the batch moves to the engine's device as the trainer's do (a no-op on CPU)
+            return mle_step(engine, batch.to(engine.device), vocab.pad_id, cfg.train.label_smoothing)[1]
 
     for batch in batches[:warmup]:
         step(batch)
@@ -143,7 +144,7 @@ def worker(variant: str, config: str, preset: str, steps: int, warmup: int, out:
     if rank == 0:
         Path(out).write_text(json.dumps({"tgt_tokens": result[0], "src_tokens": result[1], "seconds": result[2],
                                          "peak_rss_mb": result[3], "threads": torch.get_num_threads(),
-                                         "world": world, "steps": steps}))
+                                         "world": world, "steps": steps, "gpu_peak_mb": _gpu_peak_mb()}))
 
 
 def ami_worker(config: str, preset: str, steps: int, warmup: int, out: str) -> None:
@@ -161,7 +162,8 @@ def ami_worker(config: str, preset: str, steps: int, warmup: int, out: str) -> N
     from ami_dist.training.phases import METRICS, forward_step
 
     cfg = load_config(config, ["ami.enabled=true"])
-    comm = init_distributed(cfg.distributed.timeout_s, cfg.train.threads_per_rank)
+    comm = init_distributed(cfg.distributed.timeout_s, cfg.train.threads_per_rank,
+                            cfg.distributed.deepspeed_adapter)
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     with tempfile.TemporaryDirectory() as tmp:
         cfg.run.output_dir = tmp
@@ -184,7 +186,14 @@ def ami_worker(config: str, preset: str, steps: int, warmup: int, out: str) -> N
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(out).write_text(json.dumps({"tgt_tokens": float(tokens), "mle_seconds": seconds[False],
                                      "both_seconds": seconds[True], "peak_rss_mb": rss_mb, "k": cfg.lns.k,
-                                     "threads": torch.get_num_threads(), "steps": steps}))
+                                     "threads": torch.get_num_threads(), "steps": steps,
+                                     "gpu_peak_mb": _gpu_peak_mb()}))
+
+
+def _gpu_peak_mb() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
 def critical_path(cfg, batches: int = 200, calls: int = 20) -> dict:
@@ -249,6 +258,7 @@ def main() -> None:
     parser.add_argument("--no-critical-path", dest="critical_path", action="store_false",
                         help="skip timing batch assembly and MLflow logging against the step")
     parser.add_argument("--onmt_venv", default=os.environ.get("ONMT_VENV", "/tmp/onmt-venv"))
+    parser.add_argument("--json", help="also write the first round's figures to this file (benchmarks/gpu_check.py)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -339,6 +349,18 @@ def main() -> None:
         median = "" if ami else f" (median of {len(costs)} rounds; {spread(costs, '.2f')})"
         print(f"\nAMI forward phase, 1 rank: {each}the adversarial update (K = {ami_rounds[0]['k']}) costs "
               f"{statistics.median(costs):.2f}x an MLE step{median} (target: <= K + 2 = {ami_rounds[0]['k'] + 2})")
+    if args.json:
+        first = rounds[0]
+        figures = {name: {"tgt_tokens_per_s": rate(first[name]), "ms_per_step": 1000 * first[name]["seconds"]
+                          / first[name]["steps"], "gpu_peak_mb": first[name].get("gpu_peak_mb")} for name in rows}
+        if "_ami" in first:
+            a = first["_ami"]
+            cost = (a["both_seconds"] - a["mle_seconds"]) / a["mle_seconds"]
+            figures["ami_adversarial"] = {"tgt_tokens_per_s": a["tgt_tokens"] / a["both_seconds"],
+                                          "ms_per_step": 1000 * a["both_seconds"] / a["steps"],
+                                          "cost_in_mle_steps": cost, "gpu_peak_mb": a.get("gpu_peak_mb")}
+        Path(args.json).write_text(json.dumps({"config": args.config, "preset": args.preset, "rows": figures},
+                                              indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -189,6 +189,10 @@ class DistributedConfig:
     deepspeed_config: str = spec(
         "configs/ds_zero2.json", "DeepSpeed preset (ZeRO stage etc.); --deepspeed_config overrides it"
     )
+    deepspeed_adapter: bool = spec(
+        True, "on CPU (gloo), ami-dist's measured changes to DeepSpeed's internals (README 'What ami-dist changes "
+        "in DeepSpeed'); false: stock DeepSpeed. Never applied under NCCL"
+    )
     timeout_s: int = spec(600, "collective timeout: a rank that waits longer fails instead of hanging", gt=0)
     failure_timeout_s: int = spec(
         60, "a rank without a heartbeat for this long counts as failed; every rank then exits non-zero within "

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from ami_dist.distributed.deepspeed_cpu import import_deepspeed
+from ami_dist.distributed.deepspeed_adapter import import_deepspeed
 from ami_dist.distributed.env import LaunchInfo, detect_launch, threads_per_rank
 from ami_dist.errors import UserError
 
@@ -89,8 +89,12 @@ class Comm:
         return out
 
 
-def init_distributed(timeout_s: int = 600, threads: int = 0) -> Comm:
-    """Join the process group of whatever launched us (gloo on CPU, nccl on GPU) and set thread counts."""
+def init_distributed(timeout_s: int = 600, threads: int = 0, adapt_deepspeed: bool = True) -> Comm:
+    """Join the process group of whatever launched us (gloo on CPU, nccl on GPU) and set thread counts.
+
+    DeepSpeed is imported once the backend is chosen: on gloo with its CPU adaptations (unless
+    ``adapt_deepspeed`` is false: the config's distributed.deepspeed_adapter), on nccl as it is.
+    """
     info = detect_launch()
     torch.set_num_threads(threads_per_rank(threads, info.local_world_size))
     if not torch.cuda.is_available():
@@ -98,9 +102,8 @@ def init_distributed(timeout_s: int = 600, threads: int = 0) -> Comm:
     # Should DeepSpeed JIT-build an op, keep it with this environment rather than in a per-user cache
     # shared with other environments (a stale lock there once stalled a whole CI run).
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
-    deepspeed = import_deepspeed()  # heavy import; only the training path pays for it
-
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed = import_deepspeed(backend, adapt_deepspeed)  # heavy import; only the training path pays for it
     if backend == "nccl":
         # One GPU per local rank whether the launcher shows each rank every GPU of its node or only its own.
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())

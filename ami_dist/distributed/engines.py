@@ -86,48 +86,16 @@ def resolve_ds_config(preset: dict[str, Any], preset_path: str | Path, train: Tr
 
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, ds_config: dict[str, Any]) -> Any:
     """Wrap one network in its own DeepSpeed engine (own optimizer, scheduler and ZeRO partitioning)."""
-    from ami_dist.distributed.deepspeed_cpu import (
-        import_deepspeed,
-        release_gradients_when_flattened,
-        share_weights_between_ranks,
-    )
-    from ami_dist.distributed.safe_load import use_safe_loading
+    import deepspeed
 
-    deepspeed = import_deepspeed()
+    from ami_dist.distributed.deepspeed_adapter import adapt_engine
+    from ami_dist.distributed.safe_load import use_safe_loading
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
-    if share_master_weights(engine.optimizer):
-        release_gradients_when_flattened(engine.optimizer)
-        share_weights_between_ranks(engine.optimizer)
+    adapt_engine(engine)  # CPU and gloo only (deepspeed_adapter); nothing under NCCL
     use_safe_loading(engine)  # its checkpoints are read with weights_only=True
     return engine
-
-
-def share_master_weights(zero_optimizer: Any) -> bool:
-    """Let ZeRO-1/2 update this rank's slice of the model's weights in place when they are float32.
-
-    ZeRO keeps a "master" copy of the rank's slice in float32 for the optimizer and copies it back into
-    the (usually half-precision) weights after each step. For a float32 model that copy is the same
-    numbers twice: 76 MB for the dialog LSTM on one rank. Here the master slice becomes a view of the
-    model's own slice (the copy back is then a copy onto itself), and DeepSpeed's links from each weight
-    to its master fragment are rebuilt. Returns whether anything was shared.
-    """
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-    if not isinstance(zero_optimizer, DeepSpeedZeroOptimizer) or zero_optimizer.cpu_offload:
-        return False
-    pairs = []
-    for i, master in enumerate(zero_optimizer.single_partition_of_fp32_groups):
-        rank = torch.distributed.get_rank(group=zero_optimizer.real_dp_process_group[i])
-        own = zero_optimizer.parallel_partitioned_bit16_groups[i][rank]
-        if (own.dtype, own.device, own.shape) != (master.dtype, master.device, master.shape):
-            return False
-        pairs.append((master, own))
-    for master, own in pairs:
-        master.data = own.data  # same tensor object (the optimizer's parameter), the model's storage
-    zero_optimizer._link_all_hp_params()
-    return True
 
 
 @contextmanager
@@ -137,18 +105,14 @@ def gradient_clipping(engine: Any, max_norm: float) -> Iterator[None]:
     DeepSpeed fixes clipping at initialisation (in its config and, under ZeRO, in the optimizer);
     AMI's adversarial steps clip differently from the MLE steps of the same network.
     """
+    from ami_dist.distributed.deepspeed_adapter import set_gradient_clipping
+
     previous = engine.gradient_clipping()
-
-    def set_to(value: float) -> None:
-        engine._config.gradient_clipping = value
-        if hasattr(engine.optimizer, "clip_grad"):
-            engine.optimizer.clip_grad = value
-
-    set_to(max_norm)
+    set_gradient_clipping(engine, max_norm)
     try:
         yield
     finally:
-        set_to(previous)
+        set_gradient_clipping(engine, previous)
 
 
 def load_module_weights(engine: Any, checkpoint_dir: str | Path) -> None:

@@ -20,7 +20,7 @@ this 31-34 ms; see benchmarks/gloo_collectives.py. Where each rank needs only th
 against the all-reduce's 47-54).
 
 :func:`shared_tensor` maps a tensor into every rank of a group the same way, for data that all of them
-read and each writes a part of (ZeRO's flat weights, see deepspeed_cpu.share_weights_between_ranks).
+read and each writes a part of (ZeRO's flat weights, see deepspeed_adapter/zero_cpu.share_weights_between_ranks).
 
 The ranks must agree on every call (same sizes, same order), as for any collective. Whether a group can
 use the segment is decided once, collectively, by :meth:`SharedMemoryGroup.attach`: rank 0 creates a file

@@ -14,6 +14,7 @@ from ami_dist.data.corpus import Split
 from ami_dist.data.prepared import open_prepared, sha256_file
 from ami_dist.data.vocab import VOCAB_FILES, Vocab, vocab_sha256
 from ami_dist.distributed import Comm, build_engine, load_preset, resolve_ds_config
+from ami_dist.distributed.deepspeed_adapter import adapter_params
 from ami_dist.distributed.engines import load_module_weights, micro_batch_size
 from ami_dist.errors import UserError
 from ami_dist.models import build_model
@@ -136,6 +137,7 @@ def build_run(cfg: Config, comm: Comm, run_dir: Path, tracker: Tracker, ds_confi
             "valid_pairs": len(valid),
             "params_per_network": n_params,
             "schedule_total_steps": run.schedule.total_steps,
+            **adapter_params(),
         })
         tracker.log_params(params)
     return run

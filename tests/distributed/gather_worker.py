@@ -13,9 +13,10 @@ import sys
 import torch
 import torch.distributed as dist
 
-from ami_dist.distributed.deepspeed_cpu import import_deepspeed, shared_memory_group
+from ami_dist.distributed.deepspeed_adapter import import_deepspeed
+from ami_dist.distributed.deepspeed_adapter.zero_cpu import shared_memory_group
 
-deepspeed = import_deepspeed()
+deepspeed = import_deepspeed("gloo")
 deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120), verbose=False)
 import deepspeed.comm as ds_comm  # noqa: E402
 

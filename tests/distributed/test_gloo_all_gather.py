@@ -1,5 +1,6 @@
 """On gloo, DeepSpeed's all-gather (ZeRO-1/2 gather the updated weights with it after each step) runs through
-shared memory between ranks of one machine and as one broadcast per rank otherwise (distributed/deepspeed_cpu.py):
+shared memory between ranks of one machine and as one broadcast per rank otherwise
+(distributed/deepspeed_adapter/zero_cpu.py):
 3 real processes check both against gloo's own all-gather."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ import subprocess
 
 import pytest
 
-from ami_dist.distributed.deepspeed_cpu import SHM_ENV
+from ami_dist.distributed.deepspeed_adapter.zero_cpu import SHM_ENV
 from tests.conftest import PYTHON, ROOT, subprocess_env
 
 pytestmark = pytest.mark.distributed

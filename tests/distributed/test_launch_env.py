@@ -42,7 +42,8 @@ def test_deepspeed_is_imported_without_mlflow_and_mlflow_still_imports_after() -
     import subprocess
     import sys
 
-    code = ("import sys; from ami_dist.distributed.deepspeed_cpu import import_deepspeed; import_deepspeed(); "
+    code = ("import sys; from ami_dist.distributed.deepspeed_adapter import import_deepspeed; "
+            "import_deepspeed('gloo'); "
             "assert 'deepspeed' in sys.modules; assert 'mlflow' not in sys.modules, 'mlflow imported'; "
             "import mlflow; print('ok', mlflow.__version__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -115,7 +116,7 @@ print('loaded', [m for m in ('torch._functorch.aot_autograd', 'networkx') if m i
 def test_deferred_compile_compiles_once_on_the_first_call(monkeypatch) -> None:
     import torch
 
-    from ami_dist.distributed import deepspeed_cpu
+    from ami_dist.distributed.deepspeed_adapter import imports
 
     compiled = []
 
@@ -125,7 +126,7 @@ def test_deferred_compile_compiles_once_on_the_first_call(monkeypatch) -> None:
 
     monkeypatch.setattr(torch, "compile", fake_compile)
 
-    @deepspeed_cpu._compile_on_first_call()
+    @imports.compile_on_first_call()
     def double(x):
         return 2 * x
 

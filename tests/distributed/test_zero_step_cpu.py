@@ -1,5 +1,5 @@
-"""ZeRO's step on CPU (distributed/deepspeed_cpu): the gradient norm with float64 accuracy without a float64
-copy, and the flattening of the gradients that frees them as it goes. Both run inside ZeRO in
+"""ZeRO's step on CPU (distributed/deepspeed_adapter/zero_cpu): the gradient norm with float64 accuracy without a
+float64 copy, and the flattening of the gradients that frees them as it goes. Both run inside ZeRO in
 test_zero_matches_torch, against plain PyTorch's clipping and updates."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ami_dist.distributed.deepspeed_cpu import sum_of_squares
+from ami_dist.distributed.deepspeed_adapter.zero_cpu import sum_of_squares
 
 
 @pytest.mark.parametrize("shape", [(0,), (1,), (1023,), (1024,), (1025,), (7, 1000), (3, 4096)])
@@ -33,7 +33,7 @@ def test_flatten_releasing_concatenates_pads_and_lets_go_of_each_input() -> None
     """ZeRO's step flattens the gradients for the optimizer; ami-dist's flatten frees each as it goes."""
     import weakref
 
-    from ami_dist.distributed.deepspeed_cpu import flatten_releasing
+    from ami_dist.distributed.deepspeed_adapter.zero_cpu import flatten_releasing
 
     tensors = [torch.randn(3, 4), torch.randn(5), torch.randn(2, 2, 2)]
     want = torch.cat([t.reshape(-1) for t in tensors] + [torch.zeros(4)])

@@ -17,7 +17,7 @@ def build_test_run(config: str, preset: str, tracker: Tracker) -> Run:
     cfg = load_config(config)
     ds_configs = resolve_deepspeed(cfg, preset, detect_launch().world_size)
     prepared = ensure_prepared(cfg, show=False)
-    comm = init_distributed(cfg.distributed.timeout_s, 1)
+    comm = init_distributed(cfg.distributed.timeout_s, 1, cfg.distributed.deepspeed_adapter)
     # A process that exits with its process group alive can abort in gloo's teardown ("terminate called
     # without an active exception"), failing a test whose work had succeeded.
     atexit.register(shutdown)

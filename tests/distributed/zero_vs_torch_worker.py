@@ -2,7 +2,8 @@
 preset must end with the weights that plain PyTorch reaches on one process with both ranks' batches
 (the loss averaged over ranks, clipped, the same optimizer and schedule).
 
-Run under torchrun with 1 or 2 ranks: ``zero_vs_torch_worker.py PRESET OPTIMIZER``; prints one line of JSON.
+Run under torchrun with 1 or 2 ranks: ``zero_vs_torch_worker.py PRESET OPTIMIZER on|off`` (the DeepSpeed adapter);
+prints one line of JSON.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 from ami_dist.config.schema import OptimConfig, TrainConfig
 from ami_dist.data.batching import make_batch
 from ami_dist.distributed import build_engine, init_distributed, load_preset, resolve_ds_config, shutdown
-from ami_dist.distributed.deepspeed_cpu import shared_memory_group, stats
+from ami_dist.distributed.deepspeed_adapter import adapter_params, patched_attributes
+from ami_dist.distributed.deepspeed_adapter.zero_cpu import shared_memory_group, stats
 from ami_dist.models import ModelConfig, build_model
 from ami_dist.training.losses import token_nll
 from ami_dist.training.optim import build_optimizer
@@ -40,8 +42,8 @@ def loss_of(model, b) -> torch.Tensor:
     return total / ntok
 
 
-def main(preset: str, optimizer_name: str) -> None:
-    comm = init_distributed(60, 1)
+def main(preset: str, optimizer_name: str, adapter: bool) -> None:
+    comm = init_distributed(60, 1, adapter)
     atexit.register(shutdown)  # an exit with the group alive can abort in gloo's teardown
     model_cfg = ModelConfig(emb_dim=16, hidden_size=16, enc_layers=1, dec_layers=1, dropout=0.0)
     optim_cfg = OptimConfig(name=optimizer_name, lr=0.5 if optimizer_name == "sgd" else 0.01, max_grad_norm=0.1)
@@ -83,10 +85,11 @@ def main(preset: str, optimizer_name: str) -> None:
               "shared_memory_calls": shm.calls if shm is not None else None,
               "gathers_in_place": stats["gathers_in_place"],
               "blockwise_norm": getattr(type(engine.optimizer).get_grad_norm_direct, "ami_dist_patched", False),
-              "releasing_flatten": aligned_flatten.__name__ == "flatten_gradients_aligned"}
+              "releasing_flatten": getattr(aligned_flatten, "ami_dist_patched", False),
+              "patched": patched_attributes(engine.optimizer), "params": adapter_params()}
     sys.stdout.write(json.dumps(result) + "\n")  # one write: the ranks share the pipe
     sys.stdout.flush()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3] == "on")

@@ -1,12 +1,15 @@
-"""What ami-dist changes in DeepSpeed for training on CPU, each change measured (see import_deepspeed).
+"""ZeRO-1/2 on CPU: what the adapter changes in DeepSpeed's optimizer and collectives, each change measured.
 
-Everything here patches DeepSpeed's classes in place, once, when :func:`import_deepspeed` first runs;
-every patched function keeps DeepSpeed's signature and hands any case it does not cover to the original.
+Installed by :func:`ami_dist.distributed.deepspeed_adapter.import_deepspeed` for gloo only (never under
+NCCL). Every replaced method takes ``*args, **kwargs``, reads what it needs by binding them to the
+parameters it understands, and hands the call on to DeepSpeed's method, untouched, in any case it does
+not cover (another backend, device or dtype, asynchronous calls, arguments it does not know).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 import weakref
@@ -16,11 +19,37 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ami_dist.distributed.deepspeed_adapter.marker import mark
 from ami_dist.distributed.shm_collectives import SharedMemoryGroup, global_rank, shared_tensor
 
+NOT_HANDLED = object()  # what a handler returns to have DeepSpeed's own method run
 
-def _no_shm_op() -> None:
-    return None
+
+def wrap(original: Callable[..., Any], understood: Callable[..., Any],
+         handle: Callable[[dict[str, Any]], Any]) -> Callable[..., Any]:
+    """``original`` (a method), with ``handle`` first: it gets the call's arguments bound to the parameters of
+    ``understood`` (defaults filled in) and returns the result, or NOT_HANDLED to run ``original`` with the
+    arguments exactly as given. A call that does not bind to ``understood`` goes to ``original``."""
+    signature = inspect.signature(understood)
+
+    @functools.wraps(original)
+    def method(*args: Any, **kwargs: Any) -> Any:
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            return original(*args, **kwargs)
+        bound.apply_defaults()
+        result = handle(bound.arguments)
+        return original(*args, **kwargs) if result is NOT_HANDLED else result
+
+    method.ami_dist_original = original  # type: ignore[attr-defined]
+    return mark(method)
+
+
+def is_gloo_cpu(group: Any, tensors: list[torch.Tensor]) -> bool:
+    """Whether a collective over ``tensors`` on ``group`` runs on gloo with CPU tensors (tested before
+    anything else: no other case reads an optimizer's attributes)."""
+    return dist.get_backend(group) == "gloo" and all(t.device.type == "cpu" for t in tensors)
 
 
 def all_gather_by_broadcast(output: torch.Tensor, input_: torch.Tensor, group: Any = None) -> None:
@@ -53,25 +82,26 @@ def shared_memory_group(group: Any = None) -> SharedMemoryGroup | None:
     return _shared_memory_groups[key]
 
 
-def _gloo_fast_all_gather(original: Callable[..., Any]) -> Callable[..., Any]:
-    def all_gather_into_tensor(self: Any, output_tensor: torch.Tensor, input_tensor: torch.Tensor,
-                               group: Any = None, async_op: bool = False) -> Any:
-        if (async_op or dist.get_backend(group) != "gloo" or not output_tensor.is_contiguous()
-                or output_tensor.device.type != "cpu"):
-            return original(self, output_tensor, input_tensor, group=group, async_op=async_op)
-        if _gathered_already(output_tensor, input_tensor, group):
-            stats["gathers_in_place"] += 1
-            dist.barrier(group=group)  # every rank has written its part: now each may read the others'
-            return None
-        shm = shared_memory_group(group)
-        if shm is not None:
-            shm.all_gather_into(output_tensor, input_tensor)
-        else:
-            all_gather_by_broadcast(output_tensor, input_tensor, group)
-        return None
+def _all_gather_into_tensor(self: Any, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any = None,
+                            async_op: bool = False) -> Any:
+    """The parameters of TorchBackend.all_gather_into_tensor this adapter reads."""
 
-    all_gather_into_tensor.ami_dist_patched = True  # type: ignore[attr-defined]
-    return all_gather_into_tensor
+
+def _fast_all_gather(a: dict[str, Any]) -> Any:
+    output, input_, group = a["output_tensor"], a["input_tensor"], a["group"]
+    if (a["async_op"] or not isinstance(output, torch.Tensor) or not isinstance(input_, torch.Tensor)
+            or not is_gloo_cpu(group, [output, input_]) or not output.is_contiguous()):
+        return NOT_HANDLED
+    if _gathered_already(output, input_, group):
+        stats["gathers_in_place"] += 1
+        dist.barrier(group=group)  # every rank has written its part: now each may read the others'
+        return None
+    shm = shared_memory_group(group)
+    if shm is not None:
+        shm.all_gather_into(output, input_)
+    else:
+        all_gather_by_broadcast(output, input_, group)
+    return None
 
 
 _shared_weights: dict[int, tuple[weakref.ref[torch.Tensor], Any]] = {}  # storage address: (flat weights, group)
@@ -150,12 +180,12 @@ def _shm_reduce_in_place(optimizer: Any, bucket: list[torch.Tensor], communicati
     float32 gradient partitions of a lower-precision model (its ``output_bucket``: set on the owning rank
     only). Every rank decides alike: the tests are on the configuration, the same on every rank."""
     group = optimizer.dp_process_group if process_group is None else process_group
+    if not is_gloo_cpu(group, bucket):
+        return False
     accumulation_dtype = getattr(optimizer, "gradient_accumulation_dtype", None)
-    eligible = (not optimizer.overlap_comm and optimizer.sequence_parallel_size == 1
+    eligible = (not getattr(optimizer, "overlap_comm", True) and getattr(optimizer, "sequence_parallel_size", 0) == 1
                 and (accumulation_dtype != torch.float32 or accumulation_dtype == optimizer.dtype)
-                and dist.get_backend(group) == "gloo"
-                and all(t.device.type == "cpu" and t.dtype == communication_data_type and t.is_contiguous()
-                        for t in bucket))
+                and all(t.dtype == communication_data_type and t.is_contiguous() for t in bucket))
     if not eligible:
         return False
     world = dist.get_world_size(group)
@@ -211,7 +241,13 @@ def _shares_by_partition(optimizer: Any, bucket: list[torch.Tensor], group: Any,
     return shares
 
 
-def _shm_gradient_all_reduce(original: Callable[..., Any]) -> Callable[..., Any]:
+def _allreduce_and_copy(self: Any, small_bucket: list[torch.Tensor], communication_data_type: torch.dtype,
+                        rank: int | None = None, log: Any = None, divide: bool = True, process_group: Any = None,
+                        **rest: Any) -> None:
+    """The parameters of DeepSpeedZeroOptimizer.allreduce_and_copy this adapter reads."""
+
+
+def _gradient_all_reduce(a: dict[str, Any]) -> Any:
     """ZeRO-1/2's all-reduce of a gradient bucket (``allreduce_and_copy``), through shared memory where
     the ranks share a machine.
 
@@ -220,37 +256,26 @@ def _shm_gradient_all_reduce(original: Callable[..., Any]) -> Callable[..., Any]
     it is 64 ms of the dialog LSTM's step for nothing). The shared-memory all-reduce reads the gradients
     in place, chunk by chunk, and writes the averaged sums back; 1 rank skips it.
     """
-
-    def allreduce_and_copy(self: Any, small_bucket: list[torch.Tensor], communication_data_type: torch.dtype,
-                           rank: int | None = None, log: Any = None, divide: bool = True,
-                           process_group: Any = None, output_bucket: list[Any] | None = None) -> Any:
-        if rank is not None or not _shm_reduce_in_place(self, small_bucket, communication_data_type, divide,
-                                                        process_group):
-            return original(self, small_bucket, communication_data_type, rank=rank, log=log, divide=divide,
-                            process_group=process_group, output_bucket=output_bucket)
-        return None
-
-    allreduce_and_copy.ami_dist_patched = True  # type: ignore[attr-defined]
-    return allreduce_and_copy
+    if a["rank"] is not None or not _shm_reduce_in_place(a["self"], a["small_bucket"], a["communication_data_type"],
+                                                         a["divide"], a["process_group"]):
+        return NOT_HANDLED
+    return None
 
 
-def _shm_bucket_all_reduce(original: Callable[..., Any]) -> Callable[..., Any]:
+def _allreduce_and_copy_with_multiple_ranks(self: Any, small_bucket: list[torch.Tensor],
+                                            communication_data_type: torch.dtype, log: Any = None,
+                                            divide: bool = True, process_group: Any = None, **rest: Any) -> None:
+    """The parameters of DeepSpeedZeroOptimizer.allreduce_and_copy_with_multiple_ranks this adapter reads."""
+
+
+def _bucket_all_reduce(a: dict[str, Any]) -> Any:
     """The same for the contiguous-gradients path (``allreduce_and_copy_with_multiple_ranks``), which
     all-reduces a bucket of slices and keeps the result only in the slices this rank owns: the others
     get the reduced values too, where DeepSpeed leaves them as they were; nothing reads them again."""
-
-    def allreduce_and_copy_with_multiple_ranks(self: Any, small_bucket: list[torch.Tensor],
-                                               communication_data_type: torch.dtype, log: Any = None,
-                                               divide: bool = True, process_group: Any = None,
-                                               bucket_ranks: list[Any] | None = None,
-                                               output_bucket: list[Any] | None = None) -> Any:
-        if not _shm_reduce_in_place(self, small_bucket, communication_data_type, divide, process_group):
-            return original(self, small_bucket, communication_data_type, log=log, divide=divide,
-                            process_group=process_group, bucket_ranks=bucket_ranks, output_bucket=output_bucket)
-        return None
-
-    allreduce_and_copy_with_multiple_ranks.ami_dist_patched = True  # type: ignore[attr-defined]
-    return allreduce_and_copy_with_multiple_ranks
+    if not _shm_reduce_in_place(a["self"], a["small_bucket"], a["communication_data_type"], a["divide"],
+                                a["process_group"]):
+        return NOT_HANDLED
+    return None
 
 
 def sum_of_squares(grad: torch.Tensor, block: int = 1024) -> torch.Tensor:
@@ -267,34 +292,34 @@ def sum_of_squares(grad: torch.Tensor, block: int = 1024) -> torch.Tensor:
     return total
 
 
-def _blockwise_grad_norm(original: Callable[..., Any]) -> Callable[..., Any]:
+def _get_grad_norm_direct(self: Any, gradients: list[torch.Tensor], params: list[Any], norm_type: float = 2) -> None:
+    """The parameters of DeepSpeedZeroOptimizer.get_grad_norm_direct this adapter reads."""
+
+
+def _blockwise_grad_norm(a: dict[str, Any]) -> Any:
     """ZeRO-1/2's gradient 2-norm (for clipping), with :func:`sum_of_squares` for each gradient.
 
     DeepSpeed converts every gradient of the rank's partition to float64 before taking its norm: for
-    the dialog LSTM a 76 MB copy on 1 rank, and 12-26 ms per step. Float32 gradients on CPU without
-    model or pipeline parallelism take this path; anything else, DeepSpeed's.
+    the dialog LSTM a 76 MB copy on 1 rank, and 12-26 ms per step. Float32 gradients on CPU, on gloo,
+    without model or pipeline parallelism take this path; anything else, DeepSpeed's.
     """
     from deepspeed.runtime.zero import stage_1_and_2 as zero
 
-    def get_grad_norm_direct(self: Any, gradients: list[torch.Tensor], params: list[Any],
-                             norm_type: float = 2) -> torch.Tensor:
-        if (float(norm_type) != 2.0 or self.model_parallel_rank != 0
-                or any(g.device.type != "cpu" or g.dtype != torch.float32 for g in gradients)
-                or any(getattr(p, "ds_pipe_replicated", False) for p in params)):
-            return original(self, gradients, params, norm_type=norm_type)
-        grads = [g for g in gradients if not getattr(g, "_zero_padding", False)][:len(params)]
-        squares = torch.zeros((), dtype=torch.float64)
-        for grad in grads:
-            squares += sum_of_squares(grad.detach())
-        total = squares.float()
-        zero.dist.all_reduce(total, op=zero.dist.ReduceOp.SUM, group=self.dp_process_group)
-        self._model_parallel_all_reduce(tensor=total, op=zero.dist.ReduceOp.SUM)
-        total = total.pow(0.5)
-        zero.mask_nan_or_inf_with_val_inplace(total, device=self.device)
-        return total
-
-    get_grad_norm_direct.ami_dist_patched = True  # type: ignore[attr-defined]
-    return get_grad_norm_direct
+    self, gradients, params = a["self"], a["gradients"], a["params"]
+    if (not is_gloo_cpu(self.dp_process_group, gradients) or float(a["norm_type"]) != 2.0
+            or any(g.dtype != torch.float32 for g in gradients) or getattr(self, "model_parallel_rank", 1) != 0
+            or any(getattr(p, "ds_pipe_replicated", False) for p in params)):
+        return NOT_HANDLED
+    grads = [g for g in gradients if not getattr(g, "_zero_padding", False)][:len(params)]
+    squares = torch.zeros((), dtype=torch.float64)
+    for grad in grads:
+        squares += sum_of_squares(grad.detach())
+    total = squares.float()
+    zero.dist.all_reduce(total, op=zero.dist.ReduceOp.SUM, group=self.dp_process_group)
+    self._model_parallel_all_reduce(tensor=total, op=zero.dist.ReduceOp.SUM)
+    total = total.pow(0.5)
+    zero.mask_nan_or_inf_with_val_inplace(total, device=self.device)
+    return total
 
 
 def flatten_releasing(tensors: list[torch.Tensor], numel: int) -> torch.Tensor:
@@ -321,111 +346,110 @@ def release_gradients_when_flattened(zero_optimizer: Any) -> None:
     Transformer, 76 MB for the LSTM, on one rank), and the step is where the peak resident set is set.
     Flattening that list (and only it: it is recognised by identity) now goes through flatten_releasing.
     """
-    flatten = zero_optimizer.flatten
-    flatten_aligned = zero_optimizer.flatten_dense_tensors_aligned
 
     def is_gradient_list(tensors: Any) -> bool:
         lists = getattr(zero_optimizer, "averaged_gradients", None) or {}
         return (type(tensors) is list and len(tensors) > 0 and any(tensors is g for g in lists.values())
                 and all(t.device.type == "cpu" for t in tensors))
 
-    def flatten_gradients(tensors: Any) -> torch.Tensor:
-        if not is_gradient_list(tensors):
-            return flatten(tensors)
-        return flatten_releasing(tensors, sum(t.numel() for t in tensors))
+    def flatten(tensors: Any) -> None:
+        """The parameters of DeepSpeedZeroOptimizer.flatten this adapter reads."""
 
-    def flatten_gradients_aligned(tensors: Any, alignment: int, use_cpu_data: bool = False,
-                                  param_padding: Any = None) -> torch.Tensor:
-        if use_cpu_data or param_padding is not None or not is_gradient_list(tensors):
-            return flatten_aligned(tensors, alignment, use_cpu_data=use_cpu_data, param_padding=param_padding)
-        numel = sum(t.numel() for t in tensors)
-        return flatten_releasing(tensors, -(-numel // alignment) * alignment)
+    def flatten_aligned(tensor_list: Any, alignment: int, use_cpu_data: bool = False,
+                        param_padding: Any = None) -> None:
+        """The parameters of DeepSpeedZeroOptimizer.flatten_dense_tensors_aligned this adapter reads."""
 
-    zero_optimizer.flatten = flatten_gradients
-    zero_optimizer.flatten_dense_tensors_aligned = flatten_gradients_aligned
+    def releasing(a: dict[str, Any]) -> Any:
+        if not is_gradient_list(a["tensors"]):
+            return NOT_HANDLED
+        return flatten_releasing(a["tensors"], sum(t.numel() for t in a["tensors"]))
 
+    def releasing_aligned(a: dict[str, Any]) -> Any:
+        if a["use_cpu_data"] or a["param_padding"] is not None or not is_gradient_list(a["tensor_list"]):
+            return NOT_HANDLED
+        numel = sum(t.numel() for t in a["tensor_list"])
+        return flatten_releasing(a["tensor_list"], -(-numel // a["alignment"]) * a["alignment"])
 
-def _compile_on_first_call() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """A ``@torch.compile`` decorator that compiles when the function first runs, not when it is defined."""
-
-    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        compiled: list[Callable[..., Any]] = []
-
-        @functools.wraps(fn)
-        def run(*args: Any, **kwargs: Any) -> Any:
-            if not compiled:
-                compiled.append(torch.compile(fn))
-            return compiled[0](*args, **kwargs)
-
-        return run
-
-    return decorate
+    zero_optimizer.flatten = wrap(zero_optimizer.flatten, flatten, releasing)
+    zero_optimizer.flatten_dense_tensors_aligned = wrap(zero_optimizer.flatten_dense_tensors_aligned,
+                                                        flatten_aligned, releasing_aligned)
 
 
-def _import_muon_lazily() -> None:
-    """DeepSpeed's ZeRO optimizers import its Muon optimizer when they start, and Muon's module applies
-    ``@torch.compile`` to three functions as it is imported, which imports TorchDynamo, Inductor and
-    networkx: about 600 modules and 46 MB of resident memory in every rank, for an optimizer ami-dist
-    never uses. Imported here with the compilation deferred to the first call."""
-    from deepspeed.runtime import compiler
+def share_master_weights(zero_optimizer: Any) -> bool:
+    """Let ZeRO-1/2 update this rank's slice of the model's weights in place when they are float32 on CPU.
 
-    eager = compiler.compile
-    compiler.compile = _compile_on_first_call
-    try:
-        import deepspeed.runtime.zero.muon.original_muon  # noqa: F401
-    except ImportError:
-        pass
-    finally:
-        compiler.compile = eager
-
-
-def import_deepspeed() -> Any:
-    """DeepSpeed, with these things it does on CPU changed.
-
-    - Its autotuner imports MLflow when installed: about 120 MB of resident memory in every rank (only
-      rank 0 tracks, and it imports MLflow itself). Left out.
-    - Its communication backend JIT-builds and loads a shared-memory all-reduce op for its inference
-      path (training collectives go through torch.distributed), and every rank of a local launch then
-      leaves a 69 MB segment in /dev/shm that nothing removes. Left out.
-    - ZeRO-1/2 gather the updated weights after every step with gloo's all-gather, about twice
-      as slow as one broadcast per rank: on gloo, synchronous all-gathers go through shared memory
-      between ranks of one machine (shm_collectives) and become broadcasts between machines.
-    - ZeRO-1/2's gradient all-reduces go through shared memory between ranks of one machine, reading
-      and writing the gradients in place (ZeRO-2's as a reduce-scatter: each rank sums only the partition
-      it keeps), and are skipped on one rank (_shm_gradient_all_reduce, _shm_bucket_all_reduce). Where
-      build_engine shares the flat weights between those ranks (share_weights_between_ranks), the
-      all-gather after each step is a barrier.
-    - ZeRO-1/2's gradient norm converts every gradient to float64 first; it is accumulated in float64
-      from float32 row norms instead (_blockwise_grad_norm).
-    - Its ZeRO optimizers import its Muon optimizer, which compiles (and so imports the whole compiler
-      stack) as it is imported; the compilation waits for a first call (see _import_muon_lazily).
+    ZeRO keeps a "master" copy of the rank's slice in float32 for the optimizer and copies it back into
+    the (usually half-precision) weights after each step. For a float32 model that copy is the same
+    numbers twice: 76 MB for the dialog LSTM on one rank. Here the master slice becomes a view of the
+    model's own slice (the copy back is then a copy onto itself), and DeepSpeed's links from each weight
+    to its master fragment are rebuilt. Gloo groups and CPU tensors only; returns whether anything was shared.
     """
-    if "deepspeed" not in sys.modules:
-        block = "mlflow" not in sys.modules
-        if block:
-            sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError
-        try:
-            import deepspeed
-        finally:
-            if block and sys.modules.get("mlflow", 0) is None:
-                del sys.modules["mlflow"]
-    if "deepspeed.runtime.zero.muon.original_muon" not in sys.modules:
-        _import_muon_lazily()
-    import deepspeed.comm.torch  # noqa: F401  (the attribute deepspeed.comm.torch is PyTorch itself)
-
-    backend_module = sys.modules["deepspeed.comm.torch"]
-    backend_module.build_shm_op = _no_shm_op
-    backend = backend_module.TorchBackend
-    if not getattr(backend.all_gather_into_tensor, "ami_dist_patched", False):
-        backend.all_gather_into_tensor = _gloo_fast_all_gather(backend.all_gather_into_tensor)
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    zero = DeepSpeedZeroOptimizer
-    if not getattr(zero.allreduce_and_copy, "ami_dist_patched", False):
-        zero.allreduce_and_copy = _shm_gradient_all_reduce(zero.allreduce_and_copy)
-    if not getattr(zero.allreduce_and_copy_with_multiple_ranks, "ami_dist_patched", False):
-        zero.allreduce_and_copy_with_multiple_ranks = _shm_bucket_all_reduce(
-            zero.allreduce_and_copy_with_multiple_ranks)
-    if not getattr(zero.get_grad_norm_direct, "ami_dist_patched", False):
-        zero.get_grad_norm_direct = _blockwise_grad_norm(zero.get_grad_norm_direct)
-    return sys.modules["deepspeed"]
+    if not isinstance(zero_optimizer, DeepSpeedZeroOptimizer) or zero_optimizer.cpu_offload:
+        return False
+    pairs = []
+    for i, master in enumerate(zero_optimizer.single_partition_of_fp32_groups):
+        group = zero_optimizer.real_dp_process_group[i]
+        rank = dist.get_rank(group=group)
+        own = zero_optimizer.parallel_partitioned_bit16_groups[i][rank]
+        if (not is_gloo_cpu(group, [master, own])
+                or (own.dtype, own.device, own.shape) != (master.dtype, master.device, master.shape)):
+            return False
+        pairs.append((master, own))
+    for master, own in pairs:
+        master.data = own.data  # same tensor object (the optimizer's parameter), the model's storage
+    zero_optimizer._link_all_hp_params()
+    return True
+
+
+# name: (class, method, the parameters read, the handler), installed by install_zero_cpu
+def _class_adaptations() -> dict[str, list[tuple[Any, str, Callable[..., Any], Callable[[dict[str, Any]], Any]]]]:
+    import deepspeed.comm.torch  # noqa: F401  (the attribute deepspeed.comm.torch is PyTorch itself)
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as Zero
+
+    backend = sys.modules["deepspeed.comm.torch"].TorchBackend
+    return {
+        "shm_all_gather": [(backend, "all_gather_into_tensor", _all_gather_into_tensor, _fast_all_gather)],
+        "shm_gradient_reduce": [(Zero, "allreduce_and_copy", _allreduce_and_copy, _gradient_all_reduce),
+                                (Zero, "allreduce_and_copy_with_multiple_ranks",
+                                 _allreduce_and_copy_with_multiple_ranks, _bucket_all_reduce)],
+        "blockwise_grad_norm": [(Zero, "get_grad_norm_direct", _get_grad_norm_direct, _blockwise_grad_norm)],
+    }
+
+
+def install_zero_cpu() -> list[str]:
+    """Put the collectives and the norm above in DeepSpeed's classes (once); the names of those in place.
+    A method missing from this DeepSpeed, or one whose parameters no longer include those read, is left as is."""
+    installed = []
+    for name, changes in _class_adaptations().items():
+        usable = []
+        for cls, method, understood, handle in changes:
+            original = getattr(cls, method, None)
+            if original is None:
+                continue
+            wanted = [p for p in inspect.signature(understood).parameters if p not in ("self", "rest")]
+            have = inspect.signature(getattr(original, "ami_dist_original", original)).parameters
+            if "args" not in have and not all(p in have for p in wanted):
+                continue  # DeepSpeed's method changed: ours would read arguments it no longer takes
+            usable.append((cls, method, understood, handle))
+        if len(usable) != len(changes):
+            continue
+        for cls, method, understood, handle in usable:
+            original = getattr(cls, method)
+            if not getattr(original, "ami_dist_patched", False):
+                setattr(cls, method, wrap(original, understood, handle))
+        installed.append(name)
+    return installed
+
+
+def adapt_zero_optimizer(zero_optimizer: Any) -> list[str]:
+    """The per-engine changes for a ZeRO-1/2 optimizer on CPU and gloo; the names of those applied.
+    Sharing the flat weights is a collective on each group's ranks (all of them decide alike)."""
+    if not share_master_weights(zero_optimizer):
+        return []
+    release_gradients_when_flattened(zero_optimizer)
+    applied = ["shared_master_weights", "releasing_flatten"]
+    if share_weights_between_ranks(zero_optimizer):
+        applied.append("shared_flat_weights")
+    return applied
