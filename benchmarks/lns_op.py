@@ -7,12 +7,17 @@ the K noisy copies materialised, and autograd saving what it saves. The pure-PyT
     .venv/bin/python benchmarks/lns_op.py                # both shapes, CPU (and CUDA if present)
     .venv/bin/python benchmarks/lns_op.py --shapes small --no-compile
 
-Times are medians over --repeats runs after warm-up, all measured in the same process.
+Times are medians over --repeats runs after warm-up, all measured in the same process. The roofline: the
+bytes a memory-bound kernel must move per element of mu (forward: h and mu read, K copies written;
+backward: K output gradients read, mu read, two input gradients written), over the fused op's time,
+against the device's copy bandwidth measured in the same run (a 256 MiB clone, bytes read and written).
+``--json FILE`` writes the figures for benchmarks/gpu_check.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -94,7 +99,15 @@ class Row:
     saved: int | None
 
 
-def bench_shape(shape: tuple[int, int, int, int], device: torch.device, repeats: int, compile_: bool) -> None:
+def copy_bandwidth(device: torch.device, repeats: int, mib: int = 256) -> float:
+    """Bytes per second a clone moves on ``device`` (read plus write), the roofline's reference."""
+    x = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device).fill_(1.0)
+    seconds = median_time(lambda: x.clone(), device, max(repeats, 3))
+    return 2 * x.numel() * x.element_size() / seconds
+
+
+def bench_shape(shape: tuple[int, int, int, int], device: torch.device, repeats: int, compile_: bool,
+                bandwidth: float | None = None) -> dict:
     length, batch, dim, k = shape
     gen = torch.Generator(device=device).manual_seed(0)
     h = torch.randn(length, batch, dim, device=device, generator=gen)
@@ -157,13 +170,20 @@ def bench_shape(shape: tuple[int, int, int, int], device: torch.device, repeats:
         print(f"    compile/fused forward {cp.forward / fz.forward:5.2f}x   fwd+bwd {cp.fwd_bwd / fz.fwd_bwd:5.2f}x"
               "   (target fwd+bwd >= 1x)")
     print(f"    saved bytes fused/eager {fz.saved / eg.saved:.3f}   (target <= 1/K = {1 / k:.3f})")
-    # What a memory-bound GPU kernel moves per element of mu, and the time that implies on an H100.
+    # What a memory-bound kernel moves per element of mu, over the fused op's time: the roofline.
     size = h.element_size()
     per_elem = {"forward": (2 + k) * size, "backward": (k + 3) * size, "score_grad": 2 * size}
-    model = ", ".join(
-        f"{name} {b} B/elem = {b * mu.numel() / 3e12 * 1e6:.0f} us" for name, b in per_elem.items()
-    )
-    print(f"  GPU traffic model at 3 TB/s (H100): {model}")
+    achieved = {"forward": per_elem["forward"] * mu.numel() / fz.forward,
+                "fwd_bwd": (per_elem["forward"] + per_elem["backward"]) * mu.numel() / fz.fwd_bwd,
+                "score_grad": per_elem["score_grad"] * mu.numel() / fz.score}
+    if bandwidth:
+        print(f"  roofline: copy bandwidth {bandwidth / 1e9:.0f} GB/s measured; fused achieves "
+              + ", ".join(f"{name} {b / 1e9:.0f} GB/s ({b / bandwidth:.0%})" for name, b in achieved.items()))
+    return {"device": device.type, "shape": list(shape), "eager_over_fused_fwd_bwd": eg.fwd_bwd / fz.fwd_bwd,
+            "compile_over_fused_fwd_bwd": by["compile"].fwd_bwd / fz.fwd_bwd if "compile" in by else None,
+            "fused_ms": {"forward": fz.forward * 1e3, "fwd_bwd": fz.fwd_bwd * 1e3, "score_grad": fz.score * 1e3},
+            "achieved_bytes_per_s": achieved, "copy_bandwidth": bandwidth,
+            "roofline_fraction": {n: b / bandwidth for n, b in achieved.items()} if bandwidth else None}
 
 
 def main() -> None:
@@ -172,16 +192,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     if fused.load_error() is not None:
         raise SystemExit(f"the fused op is not built: {fused.load_error()}; {fused.BUILD_HINT}")
     devices = [torch.device("cpu")] if args.device in ("cpu", "all") else []
-    if args.device in ("cuda", "all") and torch.cuda.is_available() and fused.has_kernel_for(torch.device("cuda")):
+    cuda_ready = torch.cuda.is_available() and fused.has_kernel_for(torch.device("cuda"))
+    if args.device == "cuda" and not cuda_ready:
+        raise SystemExit("--device cuda: no GPU, or the fused op was built without its CUDA kernels")
+    if args.device in ("cuda", "all") and cuda_ready:
         devices.append(torch.device("cuda"))
     names = list(SHAPES) if args.shapes == "all" else [args.shapes]
+    results = []
     for device in devices:
+        bandwidth = copy_bandwidth(device, args.repeats)
         for name in names:
-            bench_shape(SHAPES[name], device, args.repeats, compile_=not args.no_compile)
+            results.append(bench_shape(SHAPES[name], device, args.repeats, compile_=not args.no_compile,
+                                       bandwidth=bandwidth))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":
