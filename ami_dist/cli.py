@@ -97,6 +97,10 @@ def run_training(args: argparse.Namespace) -> int:
     cfg.distributed.deepspeed_config = preset_path  # the saved config says which preset ran
     launch = detect_launch()
     ds_configs = resolve_deepspeed(cfg, preset_path, launch.world_size)
+    if launch.world_size == 1 and ds_configs["forward"].get("zero_optimization", {}).get("stage") == 3:
+        print(f"ami-dist: note: {preset_path}: ZeRO-3 on one rank partitions nothing and keeps a whole gradient "
+              "buffer besides the weights; ZeRO-2 (configs/ds_zero2.json) needs less memory here "
+              "(benchmarks/zero_memory.py)", file=sys.stderr, flush=True)
     tag = latest_tag(resume_dir) if resume_dir is not None and _has_checkpoint(resume_dir, continuing) else None
     if tag is not None:  # a bad checkpoint fails here, before the ranks meet and the MLflow run is reopened
         check_resumable(resume_dir, tag, cfg)

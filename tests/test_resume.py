@@ -32,9 +32,11 @@ def _histories(uri: str, experiment: str) -> tuple[dict[str, dict[int, float]], 
 
 
 @pytest.mark.distributed
-def test_resumed_run_matches_the_uninterrupted_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("preset", ["ds_zero2.json", "ds_zero3.json"])  # ZeRO-3: built under zero.Init
+def test_resumed_run_matches_the_uninterrupted_one(tmp_path: Path, preset: str) -> None:
     cfg = tiny_config(
         tmp_path,
+        distributed={"deepspeed_config": str(ROOT / "configs" / preset)},
         train={"batch_size": 16, "mle_steps": 4, "log_every": 1},
         model={"emb_dim": 16, "hidden_size": 16, "dropout": 0.2},  # dropout: the RNG state must resume too
         optim={"name": "adam", "lr": 0.003},
@@ -48,6 +50,7 @@ def test_resumed_run_matches_the_uninterrupted_one(tmp_path: Path) -> None:
     parts = dict(cfg, tracking={**cfg["tracking"], "experiment": "parts"})
     first = _train(["--config", str(write_config(tmp_path, parts, "parts.yaml")), f"train.stop_after_steps={STOPS[0]}"])
     assert f"stopped after step {STOPS[0]} of {TOTAL}" in first.stdout
+    assert ("ZeRO-3 on one rank partitions nothing" in first.stderr) == (preset == "ds_zero3.json")
     run_dir = sorted((tmp_path / "runs").iterdir())[-1]
     # stop_after_steps counts per invocation
     second = _train(["--resume", str(run_dir), f"train.stop_after_steps={STOPS[1] - STOPS[0]}"])

@@ -61,6 +61,7 @@ from ami_dist.data.prepared import (
 from ami_dist.data.textio import count_lines, iter_lines, open_text_file
 from ami_dist.data.vocab import VOCAB_FILES, SentencePieceVocab, Vocab, WordVocab, vocab_from_bytes, vocab_sha256
 from ami_dist.errors import ConfigError, DataError, UserError
+from ami_dist.progress import progress_bar
 
 CHUNK_PAIRS = 20_000  # pairs per encoding task
 # Settings that shape the prepared ids (besides the inputs and the vocabulary): a change prepares anew.
@@ -272,8 +273,8 @@ def _collect(scan: _Scan, lines: Iterable[str], mask: np.ndarray | None, cfg: Co
 
 
 def _progress(total: int | None, desc: str, show: bool, unit: str = " lines") -> tqdm:
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not show, mininterval=1.0,
-                dynamic_ncols=True)
+    return progress_bar(show, total=total, desc=desc, unit=unit, unit_scale=True, mininterval=1.0,
+                        dynamic_ncols=True)
 
 
 def _lowered(lines: Iterable[str], lower: bool) -> Iterator[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,10 @@ from torch import nn
 
 from ami_dist.config.schema import OptimConfig, TrainConfig
 from ami_dist.errors import ConfigError
+
+# Buffer sizes (in elements) a preset may leave to "auto": then they are sized from the network (size_buffers).
+AUTO_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_max_live_parameters",
+             "stage3_max_reuse_distance")
 
 # Written by us from the run config; a preset that sets them differently is a mistake worth reporting.
 COMPUTED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -40,6 +44,11 @@ def load_preset(path: str | Path) -> dict[str, Any]:
         # ZeRO's optimizers skip a non-finite update on every rank alike (see training/guard.py); stage 0's
         # plain optimizer would apply it. Stage 1 costs nothing over plain data parallelism.
         raise ConfigError(f"{path}: zero_optimization.stage: expected 1, 2 or 3, got {stage!r}")
+    for key in AUTO_KEYS:
+        value = preset.get("zero_optimization", {}).get(key)
+        if value is not None and value != "auto" and (not isinstance(value, int) or value <= 0):
+            raise ConfigError(f"{path}: zero_optimization.{key}: expected a positive number of elements or "
+                              f"\"auto\" (sized from the network), got {value!r}")
     for key in ("optimizer", "scheduler"):
         if key in preset:
             raise ConfigError(f"{path}: {key}: set the optimizer and its schedule in the run config's optim "
@@ -84,6 +93,55 @@ def resolve_ds_config(preset: dict[str, Any], preset_path: str | Path, train: Tr
     return cfg
 
 
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def size_buffers(ds_config: dict[str, Any], sizes: list[int]) -> None:
+    """Replace "auto" in ``ds_config``'s zero_optimization (in place) by sizes from the network's parameter
+    sizes (elements): the gradient bucket and ZeRO-3's prefetch bucket hold the largest parameter (DeepSpeed
+    needs at least that), and ZeRO-3 keeps at most two such parameters whole at a time.
+
+    DeepSpeed's defaults and the usual 5e7 are sized for billions of parameters: ZeRO-3 allocates its
+    gradient bucket in full for each engine, 191 MB of float32 for the paper's NMT LSTM, whose largest
+    parameter (its 8k x 1024 embedding) needs 31 MB (benchmarks/zero_memory.py).
+    """
+    zero = ds_config.get("zero_optimization", {})
+    largest = max(sizes, default=1)
+    figures = {"reduce_bucket_size": largest, "stage3_prefetch_bucket_size": largest,
+               "stage3_max_live_parameters": 2 * largest, "stage3_max_reuse_distance": 2 * largest}
+    for key, value in figures.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+
+
+def construct_model(make: Callable[[bool], nn.Module], ds_config: dict[str, Any]) -> nn.Module:
+    """The network ``make(initialise)`` builds, for an engine of ``ds_config``, whose "auto" buffer sizes are
+    resolved from it (in place, before anything is allocated: from a copy on the meta device).
+
+    Under ZeRO-3 it is built inside ``deepspeed.zero.Init``, each module partitioned as it is constructed, so
+    no rank ever holds the whole network; its initialisation then runs one parameter at a time, each gathered
+    for its own step (the network's ``init_plan``), which draws the same numbers as a plain construction.
+    """
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        size_buffers(ds_config, [p.numel() for p in make(False).parameters()])
+    if zero_stage(ds_config) != 3:
+        return make(True)
+    import deepspeed
+
+    from ami_dist.distributed.deepspeed_adapter import adapt_zero3_construction
+
+    adapt_zero3_construction()  # CPU and gloo only
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = make(False)
+    plan = model.init_plan() if hasattr(model, "init_plan") else []
+    for name, init in plan:
+        param = model.get_parameter(name)
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            init(param)
+    return model
+
+
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, ds_config: dict[str, Any]) -> Any:
     """Wrap one network in its own DeepSpeed engine (own optimizer, scheduler and ZeRO partitioning)."""
     import deepspeed
@@ -91,6 +149,7 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
     from ami_dist.distributed.deepspeed_adapter import adapt_engine
     from ami_dist.distributed.safe_load import use_safe_loading
 
+    size_buffers(ds_config, [getattr(p, "ds_numel", p.numel()) for p in model.parameters()])  # if not yet
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
     adapt_engine(engine)  # CPU and gloo only (deepspeed_adapter); nothing under NCCL

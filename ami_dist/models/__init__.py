@@ -11,6 +11,7 @@ __all__ = ["DecoderState", "EncoderOutput", "LSTMSeq2Seq", "ModelConfig", "Seq2S
 FAMILIES = {"lstm": LSTMSeq2Seq, "transformer": TransformerSeq2Seq}
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, pad_id: int) -> Seq2Seq:
-    """A freshly initialised network of the configured family."""
-    return FAMILIES[cfg.family](cfg, vocab_size, pad_id)
+def build_model(cfg: ModelConfig, vocab_size: int, pad_id: int, initialise: bool = True) -> Seq2Seq:
+    """A freshly initialised network of the configured family (``initialise=False``: its modules' default
+    initialisation only, for a caller that runs ``init_plan`` itself)."""
+    return FAMILIES[cfg.family](cfg, vocab_size, pad_id, initialise)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -251,7 +252,7 @@ class LSTMState:
 
 
 class LSTMSeq2Seq(Seq2Seq):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int) -> None:
+    def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int, initialise: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
         self.pad_id = pad_id
@@ -263,16 +264,17 @@ class LSTMSeq2Seq(Seq2Seq):
         self.decoder = LSTMDecoder(cfg.emb_dim, cfg.hidden_size, cfg.dec_layers, cfg.dropout, cfg.attention,
                                    cfg.input_feed)
         self.generator = nn.Linear(cfg.hidden_size, vocab_size)
-        self.reset_parameters()
+        if initialise:
+            self.reset_parameters()
         if cfg.tie_generator:
             self.generator.weight = self.tgt_emb.weight
 
-    def reset_parameters(self) -> None:
-        for p in self.parameters():
+    def init_plan(self) -> list[tuple[str, Callable[[torch.Tensor], None]]]:
+        def uniform(p: torch.Tensor) -> None:
             nn.init.uniform_(p, -PARAM_INIT, PARAM_INIT)
-        for emb in (self.src_emb, self.tgt_emb):
-            with torch.no_grad():
-                emb.weight[self.pad_id].zero_()
+
+        plan = [(name, uniform) for name, _ in self.named_parameters()]
+        return plan + [(f"{emb}.weight", self.zero_padding_row) for emb in ("src_emb", "tgt_emb")]
 
     def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> EncoderOutput:
         memory, state = self.encoder(self.emb_dropout(self.src_emb(src)), src_lengths)

@@ -50,6 +50,21 @@ class Seq2Seq(nn.Module):
     src_emb: nn.Embedding
     tgt_emb: nn.Embedding
     generator: nn.Linear
+    pad_id: int
+
+    def init_plan(self) -> list[tuple[str, Callable[[torch.Tensor], None]]]:
+        """The initialisation as steps, each on one parameter (by its name, ``get_parameter``'s), in the order
+        they draw from the random number generator. One parameter at a time: under ZeRO-3 each is gathered
+        whole for its step only (distributed.engines.construct_model), and the weights are the same."""
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        for name, init in self.init_plan():
+            init(self.get_parameter(name))
+
+    def zero_padding_row(self, weight: torch.Tensor) -> None:
+        with torch.no_grad():
+            weight[self.pad_id].zero_()
 
     def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> EncoderOutput:
         raise NotImplementedError

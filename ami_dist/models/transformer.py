@@ -4,6 +4,7 @@ incremental decoding with cached keys and values, batch-first."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -153,7 +154,7 @@ class TransformerState:
 
 
 class TransformerSeq2Seq(Seq2Seq):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int) -> None:
+    def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int, initialise: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
         self.pad_id = pad_id
@@ -168,20 +169,24 @@ class TransformerSeq2Seq(Seq2Seq):
         self.enc_norm = nn.LayerNorm(cfg.hidden_size) if cfg.norm == "pre" else nn.Identity()
         self.dec_norm = nn.LayerNorm(cfg.hidden_size) if cfg.norm == "pre" else nn.Identity()
         self.generator = nn.Linear(cfg.hidden_size, vocab_size)
-        self.reset_parameters()
+        if initialise:
+            self.reset_parameters()
         if cfg.tie_generator:
             self.generator.weight = self.tgt_emb.weight
 
-    def reset_parameters(self) -> None:
-        for name, p in self.named_parameters():
+    def init_plan(self) -> list[tuple[str, Callable[[torch.Tensor], None]]]:
+        def matrix_or_bias(p: torch.Tensor) -> None:
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
-            elif "norm" not in name:
+            else:
                 nn.init.zeros_(p)
-        for emb in (self.src_emb, self.tgt_emb):
-            nn.init.normal_(emb.weight, std=self.dim**-0.5)
-            with torch.no_grad():
-                emb.weight[self.pad_id].zero_()
+
+        def embedding(p: torch.Tensor) -> None:
+            nn.init.normal_(p, std=self.dim**-0.5)
+            self.zero_padding_row(p)
+
+        plan = [(name, matrix_or_bias) for name, p in self.named_parameters() if p.dim() > 1 or "norm" not in name]
+        return plan + [(f"{emb}.weight", embedding) for emb in ("src_emb", "tgt_emb")]
 
     def _embed(self, emb: nn.Embedding, ids: torch.Tensor, start: int, packing: Packing | None = None) -> torch.Tensor:
         positions = sinusoids(start, ids.size(1), self.dim, ids.device)

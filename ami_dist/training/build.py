@@ -15,7 +15,7 @@ from ami_dist.data.prepared import open_prepared, sha256_file
 from ami_dist.data.vocab import VOCAB_FILES, Vocab, vocab_sha256
 from ami_dist.distributed import Comm, build_engine, load_preset, resolve_ds_config
 from ami_dist.distributed.deepspeed_adapter import adapter_params
-from ami_dist.distributed.engines import load_module_weights, micro_batch_size
+from ami_dist.distributed.engines import construct_model, load_module_weights, micro_batch_size
 from ami_dist.errors import UserError
 from ami_dist.models import build_model
 from ami_dist.models.noise import NoiseNetwork
@@ -61,9 +61,9 @@ def save_vocab(cfg: Config, comm: Comm, vocab: Vocab, run_dir: Path) -> None:
 
 def build_network(name: str, short: str, seed: int, cfg: Config, vocab: Vocab, ds_config: dict, train: Split,
                   valid: Split) -> Network:
-    # Every rank builds the same initial weights from the seed; ZeRO-3 partitions them from there.
+    # Every rank builds the same initial weights from the seed; under ZeRO-3 each keeps its partitions only.
     torch.manual_seed(seed)
-    model = build_model(cfg.model, len(vocab), vocab.pad_id)
+    model = construct_model(lambda initialise: build_model(cfg.model, len(vocab), vocab.pad_id, initialise), ds_config)
     optimizer, scheduler = build_optimizer(list(model.parameters()), cfg.optim, cfg.model.hidden_size,
                                            cfg.ami.adv_lr if cfg.ami.enabled else 0.0)
     return Network(name, short, build_engine(model, optimizer, scheduler, ds_config), train, valid)
@@ -107,7 +107,8 @@ def build_run(cfg: Config, comm: Comm, run_dir: Path, tracker: Tracker, ds_confi
     noise = None
     if cfg.ami.enabled:
         torch.manual_seed(cfg.run.seed + 2)
-        model = NoiseNetwork(cfg.model.hidden_size, cfg.ami.noise_inner_size or cfg.model.hidden_size)
+        model = construct_model(lambda _: NoiseNetwork(cfg.model.hidden_size, cfg.ami.noise_inner_size
+                                                       or cfg.model.hidden_size), ds_configs["noise"])
         optimizer, scheduler = build_optimizer(list(model.parameters()), cfg.noise_optim, cfg.model.hidden_size)
         noise = build_engine(model, optimizer, scheduler, ds_configs["noise"])
     guard = StepGuard(cfg.train.max_bad_steps, comm.rank, cfg.fault.nan_loss_steps, cfg.fault.nan_grad_steps,

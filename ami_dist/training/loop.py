@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import time
 
-from tqdm import tqdm
-
 from ami_dist.distributed.preemption import Preemption
+from ami_dist.progress import progress_bar
 from ami_dist.training.checkpoint import save_checkpoint
 from ami_dist.training.context import Run
 from ami_dist.training.critic import save_critic_snapshot
@@ -84,7 +83,7 @@ def train(run: Run, preemption: Preemption | None = None) -> dict[str, float] | 
         evaluate(run)
     tokens = 0
     started = time.perf_counter()
-    progress = tqdm(total=total, initial=run.step, disable=not comm.is_main, desc="train", unit="step",
+    progress = progress_bar(comm.is_main, total=total, initial=run.step, desc="train", unit="step",
                     dynamic_ncols=True, mininterval=1.0)
     while run.step < end:
         position = run.schedule.position(run.step)

@@ -23,6 +23,7 @@ ADAPTED_CLASSES = {"deepspeed.comm.torch.TorchBackend.all_gather_into_tensor",
                    "deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer.allreduce_and_copy",
                    "deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer.allreduce_and_copy_with_multiple_ranks",
                    "deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer.get_grad_norm_direct",
+                   "deepspeed.runtime.zero.stage3.DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions",
                    "deepspeed.comm.torch.build_shm_op",
                    "DeepSpeedZeroOptimizer().flatten", "DeepSpeedZeroOptimizer().flatten_dense_tensors_aligned",
                    # compiled on their first call, not as DeepSpeed's Muon module is imported

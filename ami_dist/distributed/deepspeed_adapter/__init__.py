@@ -31,10 +31,14 @@ from ami_dist.distributed.deepspeed_adapter.imports import (
     skip_inference_shm_op,
 )
 from ami_dist.distributed.deepspeed_adapter.marker import MARKER, patched_attributes
-from ami_dist.distributed.deepspeed_adapter.zero_cpu import adapt_zero_optimizer, install_zero_cpu
+from ami_dist.distributed.deepspeed_adapter.zero_cpu import (
+    adapt_zero_optimizer,
+    install_zero_cpu,
+    return_large_frees_to_the_system,
+)
 
-__all__ = ["MARKER", "SUPPORTED_VERSIONS", "adapt_engine", "adapter_params", "import_deepspeed", "patched_attributes",
-           "set_gradient_clipping", "state"]
+__all__ = ["MARKER", "SUPPORTED_VERSIONS", "adapt_engine", "adapt_zero3_construction", "adapter_params",
+           "import_deepspeed", "patched_attributes", "set_gradient_clipping", "state"]
 
 # The DeepSpeed releases whose internals the adaptations were written against and tested with.
 SUPPORTED_VERSIONS = ("0.19.8",)
@@ -105,6 +109,17 @@ def adapt_engine(engine: Any) -> list[str]:
     applied = adapt_zero_optimizer(engine.optimizer)
     state.applied_to_engines.extend(a for a in applied if a not in state.applied_to_engines)
     return applied
+
+
+def adapt_zero3_construction() -> list[str]:
+    """Before a ZeRO-3 network is built, where the adapter is in force: large frees go back to the system
+    (zero_cpu.return_large_frees_to_the_system); the names of what applied."""
+    if not state.active or "mmap_large_allocations" in state.applied_to_engines:
+        return []
+    if not return_large_frees_to_the_system():
+        return []
+    state.applied_to_engines.append("mmap_large_allocations")
+    return ["mmap_large_allocations"]
 
 
 def adapter_params() -> dict[str, str]:

@@ -1,0 +1,86 @@
+"""Worker for test_zero3: on 1 or 2 ranks, a small LSTM built for ZeRO-3 (distributed.engines.construct_model:
+under deepspeed.zero.Init, initialised one gathered parameter at a time) must start from the weights a plain
+construction gives with the same seed, hold only its partitions from the start, and train to the weights
+plain PyTorch reaches with every rank's batch.
+
+Run under torchrun: ``zero3_worker.py OPTIMIZER FAMILY``; prints one line of JSON per rank.
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import json
+import sys
+
+import torch
+from zero_vs_torch_worker import PAD, STEPS, VOCAB, batch, loss_of  # beside this file
+
+from ami_dist.config.schema import OptimConfig, TrainConfig
+from ami_dist.distributed import (
+    build_engine,
+    full_parameters,
+    init_distributed,
+    load_preset,
+    resolve_ds_config,
+    shutdown,
+)
+from ami_dist.distributed.deepspeed_adapter import adapter_params
+from ami_dist.distributed.engines import construct_model
+from ami_dist.models import ModelConfig, build_model
+from ami_dist.training.optim import build_optimizer
+
+
+def main(optimizer_name: str, family: str) -> None:
+    comm = init_distributed(60, 1)
+    atexit.register(shutdown)
+    extra = {"heads": 2, "ffn_size": 32} if family == "transformer" else {}
+    model_cfg = ModelConfig(family=family, emb_dim=16, hidden_size=16, enc_layers=1, dec_layers=1, dropout=0.0,
+                            **extra)
+    optim_cfg = OptimConfig(name=optimizer_name, lr=0.5 if optimizer_name == "sgd" else 0.01, max_grad_norm=0.1)
+    world = comm.world_size
+    preset = load_preset("configs/ds_zero3.json")
+    preset["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # every parameter partitioned
+    ds_config = resolve_ds_config(preset, "configs/ds_zero3.json", TrainConfig(batch_size=6 * world), optim_cfg,
+                                  world)
+    torch.manual_seed(3)
+    reference = build_model(model_cfg, VOCAB, PAD)
+    after_plain = torch.rand(1).item()
+    torch.manual_seed(3)
+    model = construct_model(lambda init: build_model(model_cfg, VOCAB, PAD, init), ds_config)
+    after_zero3 = torch.rand(1).item()
+    partitioned = all(p.numel() == 0 and p.ds_tensor.numel() <= -(-p.ds_numel // world) for p in model.parameters())
+    largest = max(p.numel() for p in reference.parameters())
+    opt, sched = build_optimizer(list(model.parameters()), optim_cfg, 16)
+    engine = build_engine(model, opt, sched, ds_config)
+    start = full_parameters(engine)
+    init_diff = max((start[n] - p.detach()).abs().max().item() for n, p in reference.named_parameters())
+    initial = copy.deepcopy(reference)
+    ref_opt, ref_sched = build_optimizer(list(reference.parameters()), optim_cfg, 16)
+    for step in range(STEPS):
+        engine.backward(loss_of(engine, batch(step, comm.rank)))
+        engine.step()
+        (sum(loss_of(reference, batch(step, r)) for r in range(world)) / world).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), optim_cfg.max_grad_norm)
+        ref_opt.step()
+        ref_sched.step()
+        ref_opt.zero_grad(set_to_none=True)
+    ours = full_parameters(engine)
+    zero = engine.optimizer
+    shared = all(m.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+                 for m, w in zip(zero.fp32_partitioned_groups_flat, zero.fp16_partitioned_groups_flat, strict=True))
+    result = {
+        "rank": comm.rank, "init_max_abs_diff": init_diff, "same_rng_after": after_plain == after_zero3,
+        "partitioned_from_construction": partitioned,
+        "max_abs_diff": max((ours[n] - p.detach()).abs().max().item() for n, p in reference.named_parameters()),
+        "moved": max((p - q).abs().max().item() for p, q in zip(reference.parameters(), initial.parameters(),
+                                                                strict=True)),
+        "master_shares_weights": shared, "adapter": adapter_params()["deepspeed_adapter"],
+        "reduce_bucket_size": ds_config["zero_optimization"]["reduce_bucket_size"], "largest_param": largest,
+    }
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
