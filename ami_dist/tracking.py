@@ -32,10 +32,13 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from ami_dist.entry import command
 from ami_dist.errors import UserError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -260,6 +263,31 @@ def replay_buffer(path: Path, client: Any = None, uri: str | None = None) -> int
 # -- the tracker -------------------------------------------------------------------------------------
 
 
+@contextmanager
+def sqlite_store_lock(uri: str) -> Iterator[None]:
+    """For an embedded ``sqlite:///`` store: one process at a time inside the block (a POSIX lock on
+    ``<database>.lock``); for any other URI, nothing.
+
+    MLflow creates (or upgrades) a store's tables when a process first opens it. Runs of a sweep started
+    together on a store that did not exist yet each tried, and all but one died in MLflow's schema creation
+    (``table latest_metrics already exists``); two runs may also both find no experiment of their name and
+    both create it. Opening the store and getting or creating the experiment under this lock does each once.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    database = Path(uri[len("sqlite:///"):])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class MlflowTracker:
     """One MLflow run; metrics and params go in batches through MlflowClient (no global fluent state).
 
@@ -271,7 +299,6 @@ class MlflowTracker:
                  run_id: str | None = None, buffer_dir: str | Path | None = None,
                  retry_every_s: float | None = None) -> None:
         logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations on a new store are noisy
-        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
@@ -285,9 +312,16 @@ class MlflowTracker:
         self._lock = threading.RLock()  # the watchdog's thread may mark the run FAILED meanwhile
         if self.buffer is not None and is_remote(uri):
             use_short_http_timeouts()
-        self.client = MlflowClient(tracking_uri=uri)
         self._finished = False
         self._earlier_params: dict[str, str] = {}  # of the run a resumed run continues
+        with sqlite_store_lock(uri):
+            self.client = MlflowClient(tracking_uri=uri)  # opens the store: creates its tables if it is new
+            self._open(experiment, run_name, tags, run_id)
+
+    def _open(self, experiment: str, run_name: str, tags: dict[str, str] | None, run_id: str | None) -> None:
+        from mlflow.exceptions import MlflowException
+
+        uri = self.uri
         try:
             if self.buffer is not None and self.buffer.is_file():  # left by an earlier attempt of this run
                 try:  # first: it may end with that attempt's final status
@@ -425,6 +459,7 @@ def make_tracker(enabled: bool, is_main: bool, uri: str | None, experiment: str,
 # -- python -m ami_dist.tracking replay RUN_DIR ------------------------------------------------------
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ami_dist.tracking",
                                      description="MLflow tracking helpers of ami-dist.")
@@ -447,9 +482,8 @@ def main(argv: list[str] | None = None) -> int:
             if not server_answers(uri):
                 raise UserError(f"MLflow tracking server {uri} unreachable; {len(records)} records stay in {path}")
         count = replay_buffer(path, uri=uri)
-    except UserError as e:
-        print(f"ami-dist: error: {e}", file=sys.stderr, flush=True)
-        return 2
+    except UserError:
+        raise
     except Exception as e:  # the server went away again, or rejected a record: what was not sent stays
         why = _reason(e) if is_unreachable(e) else f"{type(e).__name__}: {str(e)[:500]}"
         print(f"ami-dist: error: replay into {uri} stopped ({why}); the records not sent stay in {path}",

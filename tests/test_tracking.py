@@ -25,3 +25,45 @@ def test_a_resumed_run_records_changed_params_as_tags(tmp_path: Path) -> None:
     assert run.data.tags["resumed_with/train.mle_steps"] == "4 -> 6"
     assert not any(key.startswith("resumed_with/model") for key in run.data.tags)
     assert run.info.status == "FINISHED"
+
+
+SWEEP_WORKER = """
+import sys, time
+from pathlib import Path
+uri, index, go = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+from ami_dist.tracking import MlflowTracker
+go.with_name(f"ready{index}").touch()
+while not go.exists():  # every process past its imports before any opens the store
+    time.sleep(0.01)
+tracker = MlflowTracker(uri, "sweep", f"run{index}")
+for step in range(1, 21):
+    tracker.log_metrics({"loss": float(step)}, step)
+tracker.finish()
+"""
+
+
+def test_runs_started_together_on_a_new_sqlite_store_all_finish(tmp_path: Path) -> None:
+    """A sweep's first runs open an embedded store that does not exist yet at the same moment: each creates
+    or finds the tables and the experiment once (before, 3 of 4 died in MLflow's schema creation)."""
+    import subprocess
+    import time
+
+    from tests.conftest import PYTHON, ROOT, subprocess_env
+
+    uri, go = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}", tmp_path / "go"
+    procs = [subprocess.Popen([PYTHON, "-c", SWEEP_WORKER, uri, str(i), str(go)], cwd=ROOT, env=subprocess_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+    deadline = time.monotonic() + 240
+    while len(list(tmp_path.glob("ready*"))) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    go.touch()
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    client = MlflowClient(uri)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "sweep"]
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == [f"run{i}" for i in range(4)]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(1, 21))
