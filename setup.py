@@ -55,6 +55,8 @@ setup(
     name="ami-dist",
     version="0.1.0",
     description="Distributed Adversarial Mutual Information (AMI) training for text generation",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
     python_requires=">=3.11",
     packages=find_packages(include=["ami_dist", "ami_dist.*"]),
     ext_modules=_extensions(),

@@ -11,22 +11,16 @@ import argparse
 import logging
 import socket
 import sys
-import traceback
 import warnings
 from pathlib import Path
 
-from ami_dist.errors import RunStopped, UserError
-
-EXIT_USER_ERROR = 2
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's own errors follow our one-line, exit-2 rule
-        raise UserError(f"command line: {message}")
+from ami_dist.entry import Parser, command
+from ami_dist.errors import UserError
+from ami_dist.run_dir import RunDir
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = _Parser(
+    parser = Parser(
         prog="ami_dist/train.py",
         description="Train the forward and backward seq2seq networks of AMI with DeepSpeed; track in MLflow.",
         epilog="Overrides: any config key as key.path=value, e.g. train.mle_steps=200 model.dropout=0.1",
@@ -68,11 +62,10 @@ def run_training(args: argparse.Namespace) -> int:
     from ami_dist import ops
     from ami_dist.config import load_config
     from ami_dist.data.prepare import check_enough_pairs, ensure_prepared
-    from ami_dist.data.vocab import VOCAB_FILES
     from ami_dist.distributed import detect_launch, init_distributed, shutdown
     from ami_dist.distributed.preemption import EXIT_REQUEUE, Preemption
-    from ami_dist.distributed.safe_load import check_resumable
-    from ami_dist.distributed.watchdog import start_watchdog
+    from ami_dist.distributed.safe_load import check_init_checkpoint, check_resumable
+    from ami_dist.distributed.watchdog import raise_on_sigterm, start_watchdog
     from ami_dist.tracking import NullTracker, Tracker, absolute_uri, make_tracker, resolve_uri
     from ami_dist.training.build import build_run, make_run_dir, resolve_deepspeed
     from ami_dist.training.checkpoint import latest_tag, resume
@@ -81,14 +74,14 @@ def run_training(args: argparse.Namespace) -> int:
     # Everything a user can get wrong is checked before the ranks meet, so a mistake fails fast on
     # every rank instead of leaving the others waiting in a collective.
     exact_dir = Path(args.run_dir) if args.run_dir else None
-    continuing = exact_dir is not None and (exact_dir / "config.yaml").is_file()
+    continuing = exact_dir is not None and RunDir(exact_dir).holds_run()
     resume_dir = exact_dir if continuing else Path(args.resume) if args.resume else None
-    if resume_dir is not None and not (resume_dir / "config.yaml").is_file():
+    if resume_dir is not None and not RunDir(resume_dir).holds_run():
         raise UserError(f"--resume {resume_dir}: not a run directory (no config.yaml in it)")
     if exact_dir is not None and not continuing and args.config is None:
         raise UserError(f"--run_dir {exact_dir}: holds no run yet, so --config is needed to start one")
     # A requeued job repeats its command line, but its checkpoints fit the config the run was saved with.
-    cfg = load_config(resume_dir / "config.yaml" if continuing else args.config or resume_dir / "config.yaml",
+    cfg = load_config(RunDir(resume_dir).config if continuing else args.config or RunDir(resume_dir).config,
                       args.overrides)
     # Installed early: the signal's default action would end the process.
     preemption = Preemption(cfg.distributed.preempt_signal).install()
@@ -104,10 +97,13 @@ def run_training(args: argparse.Namespace) -> int:
     tag = latest_tag(resume_dir) if resume_dir is not None and _has_checkpoint(resume_dir, continuing) else None
     if tag is not None:  # a bad checkpoint fails here, before the ranks meet and the MLflow run is reopened
         check_resumable(resume_dir, tag, cfg)
+    for key in ("init_forward", "init_backward"):  # and so does a bad starting point, before the run directory
+        if getattr(cfg.ami, key) is not None:
+            check_init_checkpoint(key, getattr(cfg.ami, key))
     # The corpus is prepared (checked, encoded, written memory-mappable) before the ranks meet: by the first
     # rank of a machine to take the cache's lock, while the others wait on it; later starts find it there.
     # A continuing run keeps the vocabulary in its run directory, so it never trains a new one.
-    run_vocab = resume_dir / VOCAB_FILES[cfg.vocab.kind] if resume_dir is not None else None
+    run_vocab = RunDir(resume_dir).vocab(cfg.vocab.kind) if resume_dir is not None else None
     prepared_dir = ensure_prepared(cfg, run_vocab if run_vocab is not None and run_vocab.is_file() else None,
                                    show=launch.local_rank == 0)
     check_enough_pairs(cfg, prepared_dir, launch.world_size)
@@ -117,11 +113,13 @@ def run_training(args: argparse.Namespace) -> int:
     _quiet_libraries()
     watchdog = start_watchdog(comm.rank, comm.world_size, cfg.distributed.failure_timeout_s,
                               catch_sigterm=cfg.distributed.preempt_signal != "SIGTERM")
+    if watchdog is None and cfg.distributed.preempt_signal != "SIGTERM":
+        raise_on_sigterm()
     tracker: Tracker = NullTracker()
     code = 0
     try:
         run_dir = resume_dir or (_exact_run_dir(cfg, comm, exact_dir) if exact_dir else make_run_dir(cfg, comm))
-        run_id_file = run_dir / "mlflow_run_id"
+        run_id_file = RunDir(run_dir).mlflow_run_id
         previous_run = run_id_file.read_text().strip() if resume_dir is not None and run_id_file.is_file() else None
         tags = {"task": cfg.run.task, "model_family": cfg.model.family, "launcher": comm.info.launcher,
                 "run_dir": str(run_dir)}
@@ -134,7 +132,7 @@ def run_training(args: argparse.Namespace) -> int:
         hosts = comm.gather(socket.gethostname())
         if tracker.run_id and comm.is_main:
             run_id_file.write_text(tracker.run_id + "\n")
-            (run_dir / "mlflow_tracking_uri").write_text(absolute_uri(resolve_uri(cfg.tracking.uri)) + "\n")
+            RunDir(run_dir).mlflow_tracking_uri.write_text(absolute_uri(resolve_uri(cfg.tracking.uri)) + "\n")
             tracker.set_tags({"hosts": ",".join(sorted(set(hosts or [])))})
         run = build_run(cfg, comm, run_dir, tracker, ds_configs, preset_path, prepared_dir)
         if tag is not None:
@@ -161,6 +159,10 @@ def run_training(args: argparse.Namespace) -> int:
         if watchdog is not None:  # tell the other ranks, or, if the cause lies elsewhere, learn which rank
             watchdog.report(e)
         _record_failure(tracker, f"{type(e).__name__}: {e}", "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        try:
+            shutdown()  # a process that exits with its group alive can abort in gloo's teardown
+        except Exception:
+            pass
         raise
     if watchdog is not None:  # every checkpoint shard is written before any rank exits
         watchdog.close(comm.barrier)
@@ -181,7 +183,7 @@ def _exact_run_dir(cfg, comm, path: Path) -> Path:
 
     def create() -> str:
         path.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, path / "config.yaml")
+        save_config(cfg, RunDir(path).config)
         return str(path)
 
     return Path(comm.on_main(create))
@@ -216,21 +218,9 @@ def _print_summary(run, metrics: dict[str, float], tracker) -> None:
     print("\n".join(lines), flush=True)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return run_training(parse_args(argv))
-    except UserError as e:
-        print(f"ami-dist: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
-    except RunStopped as e:  # the run stopped itself for a reason it states; its checkpoint is saved
-        print(f"ami-dist: error: {e}", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:
-        print("ami-dist: interrupted", file=sys.stderr, flush=True)
-        return 130
-    except Exception:
-        traceback.print_exc()
-        return 1
+    return run_training(parse_args(argv))
 
 
 if __name__ == "__main__":

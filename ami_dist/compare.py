@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ami_dist.entry import Parser, command
 from ami_dist.errors import UserError
 
 PARAMS = ["run.task", "model.family", "model.hidden_size", "model.enc_layers", "ami.enabled", "ami.cycles",
@@ -116,23 +117,19 @@ def compare(uri: str, run_ids: list[str], experiment: str | None, out: Path, log
     return written
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    from ami_dist.cli import EXIT_USER_ERROR, _Parser
     from ami_dist.tracking import resolve_uri
 
-    parser = _Parser(prog="python -m ami_dist.compare", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m ami_dist.compare", description=__doc__.split("\n\n")[0])
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--runs", nargs="+", default=[], metavar="RUN_ID")
     which.add_argument("--experiment")
     parser.add_argument("--uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     parser.add_argument("--out", default="comparison", help="output directory")
     parser.add_argument("--no_mlflow", action="store_true", help="do not log the comparison to MLflow")
-    try:
-        args = parser.parse_args(argv)
-        written = compare(resolve_uri(args.uri), args.runs, args.experiment, Path(args.out), not args.no_mlflow)
-    except UserError as e:
-        print(f"ami-dist: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    args = parser.parse_args(argv)
+    written = compare(resolve_uri(args.uri), args.runs, args.experiment, Path(args.out), not args.no_mlflow)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

@@ -16,6 +16,11 @@ class DataError(UserError):
     """A data file that cannot be read or parsed."""
 
 
+class Terminated(BaseException):
+    """SIGTERM reached a single-process run (multi-rank runs hand it to their watchdog): like Ctrl-C, not
+    caught by ``except Exception``; the run is marked FAILED with the reason and the command exits 143."""
+
+
 class RunStopped(Exception):
     """A run that stopped itself for a stated reason after it started (not a user mistake, not a bug).
 

@@ -24,6 +24,7 @@ from ami_dist.data.textio import read_lines
 from ami_dist.decoding.beam import beam_search
 from ami_dist.decoding.greedy import greedy_decode
 from ami_dist.decoding.rerank import Reranker, backward_logq, source_logq
+from ami_dist.entry import Parser, command
 from ami_dist.errors import UserError
 from ami_dist.export import Exported, load_exported
 from ami_dist.models import Seq2Seq
@@ -179,9 +180,7 @@ def _log(args: argparse.Namespace, exported: Exported, metrics: dict[str, float]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from ami_dist.cli import _Parser
-
-    p = _Parser(prog="python -m ami_dist.evaluate", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m ami_dist.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="an exported model (python -m ami_dist.export RUN_DIR)")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--src", help="source sentences, one per line")
@@ -213,14 +212,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    from ami_dist.cli import EXIT_USER_ERROR
-
-    try:
-        evaluate(parse_args(argv))
-    except UserError as e:
-        print(f"ami-dist: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    evaluate(parse_args(argv))
     return 0
 
 

@@ -20,9 +20,11 @@ from typing import Any
 import torch
 
 from ami_dist.config import Config, load_config, to_dict
-from ami_dist.data.vocab import VOCAB_FILES, Vocab, vocab_from_bytes
+from ami_dist.data.vocab import Vocab, vocab_from_bytes
+from ami_dist.entry import Parser, command
 from ami_dist.errors import UserError
 from ami_dist.models import ModelConfig, Seq2Seq, build_model
+from ami_dist.run_dir import RunDir
 from ami_dist.typed_config import Located, build
 
 FORMAT = "ami-dist-model/1"
@@ -45,25 +47,26 @@ def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None) -> 
     from ami_dist.training.checkpoint import latest_tag
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
+    files = RunDir(run_dir)
+    if not files.holds_run():
         raise UserError(f"{run_dir}: not a run directory (no config.yaml in it)")
-    cfg: Config = load_config(run_dir / "config.yaml")
+    cfg: Config = load_config(files.config, check_files=False)  # only the run directory is needed
     tag = tag or latest_tag(run_dir)
-    vocab_file = run_dir / VOCAB_FILES[cfg.vocab.kind]
+    vocab_file = files.vocab(cfg.vocab.kind)
     if not vocab_file.is_file():
         raise UserError(f"{vocab_file}: vocabulary file missing from the run directory")
     vocab_bytes = vocab_file.read_bytes()
     vocab = vocab_from_bytes(cfg.vocab.kind, vocab_bytes)
     networks = {}
     for name in NETWORKS:
-        checkpoint = run_dir / "checkpoints" / name
+        checkpoint = files.checkpoints / name
         if not (checkpoint / tag).is_dir():
             raise UserError(f"{checkpoint / tag}: checkpoint not found")
         state = consolidate(checkpoint, tag)
         networks[name] = {key: value.detach().float().contiguous().clone() for key, value in state.items()}
         _check_fits(networks[name], build_model(cfg.model, len(vocab), vocab.pad_id), checkpoint / tag,
-                    run_dir / "config.yaml")
-    run_id_file, uri_file = run_dir / "mlflow_run_id", run_dir / "mlflow_tracking_uri"
+                    files.config)
+    uri_file = files.mlflow_tracking_uri
     payload = {
         "format": FORMAT,
         "model": to_dict(cfg.model),
@@ -72,12 +75,13 @@ def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None) -> 
         "source": {
             "run_dir": str(run_dir.resolve()),
             "tag": tag,
-            "mlflow_run_id": run_id_file.read_text().strip() if run_id_file.is_file() else "",
+            "mlflow_run_id": files.run_id() or "",
             "tracking_uri": uri_file.read_text().strip() if uri_file.is_file() else absolute_uri(
                 resolve_uri(cfg.tracking.uri)),
             "experiment": cfg.tracking.experiment,
             "task": cfg.run.task,
             "data": to_dict(cfg.data),
+            "licenses": {"ami-dist": "Apache-2.0", "data": cfg.data.license},
             "eval": to_dict(cfg.eval),
         },
     }
@@ -154,19 +158,14 @@ def load_exported(path: str | Path) -> Exported:
     return Exported(networks, vocab, payload["source"], model_cfg)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    from ami_dist.cli import EXIT_USER_ERROR, _Parser
-
-    parser = _Parser(prog="python -m ami_dist.export", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m ami_dist.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a training run directory (runs/<name>-<time>)")
     parser.add_argument("--tag", help="checkpoint tag, e.g. step900 (default: the newest)")
     parser.add_argument("--out", help="output file (default: RUN_DIR/model.pt)")
-    try:
-        args = parser.parse_args(argv)  # a mistake here is one line too (_Parser raises UserError)
-        out = export_run(args.run_dir, args.out or Path(args.run_dir) / "model.pt", args.tag)
-    except UserError as e:
-        print(f"ami-dist: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    args = parser.parse_args(argv)  # a mistake here is one line too (Parser raises UserError)
+    out = export_run(args.run_dir, args.out or Path(args.run_dir) / "model.pt", args.tag)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): forward and backward networks, fp32")
     return 0
 

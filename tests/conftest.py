@@ -20,6 +20,7 @@ def tiny_config(tmp_path: Path, **sections: dict) -> dict:
         "run": {"name": "test", "output_dir": str(tmp_path / "runs"), "seed": 7},
         "data": {
             "format": "parallel",
+            "license": "CC BY 2.0 FR",
             "train_src": str(DATA / "tatoeba_en_de/train.en"),
             "train_tgt": str(DATA / "tatoeba_en_de/train.de"),
             "valid_src": str(DATA / "tatoeba_en_de/valid.en"),

@@ -57,6 +57,19 @@ def _invalid_utf8(tmp: Path, cfg: dict) -> list[str]:
     return []
 
 
+def _nul_byte(tmp: Path, cfg: dict) -> list[str]:
+    lines = (DATA / "tatoeba_en_de/valid.de").read_bytes().split(b"\n")
+    lines[9] = b"ka\x00putt"
+    cfg["data"]["valid_tgt"] = _write(tmp / "corrupt.de", b"\n".join(lines))
+    return []
+
+
+def _not_a_checkpoint(tmp: Path, cfg: dict) -> list[str]:
+    (tmp / "mle" / "checkpoints" / "forward").mkdir(parents=True)
+    cfg["ami"] = {"init_forward": str(tmp / "mle" / "checkpoints" / "forward")}
+    return []
+
+
 def _overlong_sentence(tmp: Path, cfg: dict) -> list[str]:
     lines = _valid_lines("en")
     lines[6] = " ".join(lines[:400])  # a paragraph, not a sentence: 17,000+ characters
@@ -213,6 +226,9 @@ CASES: list[tuple[str, Setup, str]] = [
     ("empty file", _empty_file, r"empty\.en: file is empty"),
     ("empty line", _empty_line, r"gap\.de:5: empty line"),
     ("invalid UTF-8", _invalid_utf8, r"latin1\.en:42: invalid UTF-8 \(byte 0xe9 at column 4\)"),
+    ("NUL byte in a sentence", _nul_byte, r"corrupt\.de:10: NUL byte at column 3"),
+    ("ami.init_forward that is not a checkpoint", _not_a_checkpoint,
+     r"ami\.init_forward: .*/mle/checkpoints/forward is not a DeepSpeed checkpoint directory \(no 'latest'"),
     ("over-long sentence", _overlong_sentence,
      r"paragraph\.en:7: line of \d{5} characters is longer than data\.max_line_chars = 10000"),
     ("missing split", _missing_split, r"run\.yaml:\d+: data\.valid_src: required for data\.format 'parallel'"),

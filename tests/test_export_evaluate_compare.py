@@ -131,3 +131,24 @@ def test_compare_writes_a_table_and_plots_of_two_runs(runs: dict, tmp_path: Path
         "comparison/comparison.md", "comparison/valid_bleu.png", "comparison/losses.png"}
     assert len(comparison.data.tags["compared_runs"].split(",")) == 2
     _run(["-m", "ami_dist.compare", "--runs", "0123456789abcdef", "--uri", runs["uri"]], expect=2)
+
+
+def test_export_needs_only_the_run_directory(finished_run: Path, tmp_path: Path) -> None:
+    """The corpus a run trained on may have moved since: ami-export reads only the run directory."""
+    import shutil
+
+    from tests.finished_run import run_in
+
+    case = tmp_path / "case"
+    shutil.copytree(finished_run, case)
+    config = case / "run/config.yaml"
+    moved = config.read_text().replace(str(DATA), str(tmp_path / "moved-away"))
+    assert moved != config.read_text()
+    config.write_text(moved)
+    proc = run_in(case, ["-m", "ami_dist.export", "run", "--out", "again.pt"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    before, after = load_exported(case / "model.pt"), load_exported(case / "again.pt")
+    assert after.source["licenses"] == {"ami-dist": "Apache-2.0", "data": "CC BY 2.0 FR"}  # the data's own
+    for name, network in before.networks.items():
+        again = after.networks[name].state_dict()
+        assert all(torch.equal(value, again[key]) for key, value in network.state_dict().items()), name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,9 @@ class DataConfig:
 
     format: Literal["parallel", "personachat"] = spec(
         "parallel", "parallel: aligned source/target files; personachat: ParlAI fbdialog text"
+    )
+    license: str | None = spec(
+        None, "the corpus's licence (e.g. 'CC BY 2.0 FR'), carried into exported models (data/README.md)"
     )
     train_src: str | None = spec(None, "parallel: training source file, one sentence per line")
     train_tgt: str | None = spec(None, "parallel: training target file, aligned with train_src")
@@ -60,7 +64,7 @@ class DataConfig:
 
     def validate(self, fail: Fail) -> None:
         if self.prepared is not None:
-            if not Path(self.prepared).is_dir():
+            if CHECK_FILES.get() and not Path(self.prepared).is_dir():
                 raise fail("prepared", f"not a directory: {self.prepared} (write one with ami-prepare)")
             for key in ("train_src", "train_tgt", "valid_src", "valid_tgt", "train_file", "valid_file"):
                 if getattr(self, key) is not None:
@@ -76,8 +80,13 @@ class DataConfig:
             path = getattr(self, key)
             if path is None:
                 raise fail(key, f"required for data.format {self.format!r}")
-            if not Path(path).is_file():
+            if CHECK_FILES.get() and not Path(path).is_file():
                 raise fail(key, f"file not found: {path}")
+
+
+# Whether loading a config checks that the files it names exist: not when a command reads the config saved in
+# a run directory only to describe the run (ami-export), where the corpus may have moved since training.
+CHECK_FILES: contextvars.ContextVar[bool] = contextvars.ContextVar("check_files", default=True)
 
 
 @dataclass
@@ -96,7 +105,7 @@ class VocabConfig:
     sample_seed: int = spec(0, "seed of that sample and of sentencepiece's own randomness", ge=0)
 
     def validate(self, fail: Fail) -> None:
-        if self.model is not None and not Path(self.model).is_file():
+        if self.model is not None and CHECK_FILES.get() and not Path(self.model).is_file():
             raise fail("model", f"file not found: {self.model}")
 
 

@@ -35,8 +35,8 @@ def _rest_is_blank(f) -> bool:
 def iter_lines(path: str | Path, *, allow_empty_lines: bool = False, max_chars: int | None = None) -> Iterator[str]:
     """The lines of a UTF-8 text file without their line endings, one at a time.
 
-    Raises DataError for a missing or empty (all-whitespace) file, invalid UTF-8 (with the line and column
-    it is on), unless ``allow_empty_lines`` a blank line, and with ``max_chars`` a line longer than that
+    Raises DataError for a missing or empty (all-whitespace) file, invalid UTF-8 or a NUL byte (with the
+    line and column it is on), unless ``allow_empty_lines`` a blank line, and with ``max_chars`` a line longer than that
     many characters (``data.max_line_chars``: a sign of text that was never split into sentences, or of a
     wrong file). Lines end at ``\\n`` only; a ``\\r`` before it is dropped.
     """
@@ -51,6 +51,9 @@ def iter_lines(path: str | Path, *, allow_empty_lines: bool = False, max_chars: 
                 raise DataError(f"{path}:{number}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column "
                                 f"{e.start + 1})") from None
             line = line.removesuffix("\n").removesuffix("\r")
+            if "\x00" in line:  # valid UTF-8, but never text: a binary file or a corrupted copy
+                raise DataError(f"{path}:{number}: NUL byte at column {line.index(chr(0)) + 1} (a binary or "
+                                "corrupted file?)")
             if not line.strip():
                 if not allow_empty_lines:
                     if not seen_text and _rest_is_blank(f):

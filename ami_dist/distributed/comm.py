@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import sys
@@ -110,6 +111,10 @@ def init_distributed(timeout_s: int = 600, threads: int = 0, adapt_deepspeed: bo
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
                                    verbose=False)
+        # Whatever way the process ends (a benchmark's worker, a test's, a run that raised), its group goes
+        # first: a process that exits with the group alive can abort in gloo's teardown ("terminate called
+        # without an active exception", SIGABRT) after it has done its work.
+        atexit.register(shutdown)
     return Comm(info)
 
 

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import yaml
 
+from ami_dist.entry import command
 from ami_dist.errors import UserError
-
-EXIT_USER_ERROR = 2
+from ami_dist.run_dir import RunDir
 
 
 def mark_failed(run_dir: Path, reason: str) -> str:
     """Set the run's status to FAILED with ``reason`` as its ``failure_reason`` tag; returns what was done."""
-    id_file = run_dir / "mlflow_run_id"
-    config_file = run_dir / "config.yaml"
+    id_file = RunDir(run_dir).mlflow_run_id
+    config_file = RunDir(run_dir).config
     if not config_file.is_file():
         raise UserError(f"{run_dir}: not a run directory (no config.yaml in it)")
     if not id_file.is_file():
@@ -33,7 +33,7 @@ def mark_failed(run_dir: Path, reason: str) -> str:
 
     from ami_dist.tracking import resolve_uri
 
-    uri_file = run_dir / "mlflow_tracking_uri"  # written by rank 0 with the store it used, made absolute
+    uri_file = RunDir(run_dir).mlflow_tracking_uri  # written by rank 0 with the store it used, made absolute
     if uri_file.is_file():
         uri = uri_file.read_text(encoding="utf-8").strip()
     else:  # only the key needed from the saved config, so that a moved data file cannot stop this
@@ -51,6 +51,7 @@ def mark_failed(run_dir: Path, reason: str) -> str:
     return f"MLflow run {run_id} marked FAILED: {reason}"
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ami_dist.distributed.mark_failed",
                                      description="Mark a run's MLflow run FAILED (when rank 0 could not).")
@@ -58,11 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reason", default="the job failed (reported by its launcher)",
                         help="recorded as the run's failure_reason tag")
     args = parser.parse_args(argv)
-    try:
-        print(f"ami-dist: {mark_failed(args.run_dir, args.reason)}", flush=True)
-    except UserError as e:
-        print(f"ami-dist: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
+    print(f"ami-dist: {mark_failed(args.run_dir, args.reason)}", flush=True)
     return 0
 
 

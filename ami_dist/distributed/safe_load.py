@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ami_dist.errors import UserError
+from ami_dist.run_dir import RunDir
 
 
 def _deepspeed_globals() -> list[Any]:
@@ -114,7 +115,7 @@ def check_resumable(run_dir: str | Path, tag: str, cfg: Any) -> None:
     from ami_dist.config.loader import load_yaml
 
     run_dir = Path(run_dir)
-    saved_path = run_dir / "config.yaml"
+    saved_path = RunDir(run_dir).config
     saved = load_config(saved_path)
     _, located = load_yaml(saved_path)
     for section in ("model", "vocab"):
@@ -125,7 +126,7 @@ def check_resumable(run_dir: str | Path, tag: str, cfg: Any) -> None:
                 raise UserError(f"{located.where(key)}: the checkpoints of {run_dir} hold a model with {key} = "
                                 f"{value!r}, the config now asks for {now.get(key)!r} (a run continues with the "
                                 "model it was saved with; start a new run to change it)")
-    files = sorted((run_dir / "checkpoints").glob(f"*/{tag}/*.pt"))
+    files = sorted(RunDir(run_dir).checkpoints.glob(f"*/{tag}/*.pt"))
     if not files:
         raise UserError(f"{run_dir / 'checkpoints' / 'latest'}: names checkpoint {tag}, which has no files "
                         "(deleted or moved?)")
@@ -135,12 +136,27 @@ def check_resumable(run_dir: str | Path, tag: str, cfg: Any) -> None:
             _check_vocab(run_dir, cfg.vocab.kind, tag, state["vocab_sha256"])
 
 
+def check_init_checkpoint(key: str, path: str | Path) -> None:
+    """Before the ranks meet (and before a run directory exists): ``ami.<key>`` must be a network's DeepSpeed
+    checkpoint directory whose newest checkpoint loads with ``weights_only=True``; else a UserError."""
+    root = Path(path)
+    latest = root / "latest"
+    if not latest.is_file():
+        raise UserError(f"ami.{key}: {root} is not a DeepSpeed checkpoint directory (no 'latest' file in it; "
+                        "expected checkpoints/<network>/ of a training run)")
+    tag = latest.read_text(encoding="utf-8").strip()
+    files = sorted((root / tag).glob("*.pt"))
+    if not files:
+        raise UserError(f"ami.{key}: {latest} names checkpoint {tag}, which has no files")
+    for file in files:
+        safe_torch_load(file, "cpu", mmap=True)
+
+
 def _check_vocab(run_dir: Path, kind: str, tag: str, saved_sha: str) -> None:
     """The run directory's vocabulary must be the one checkpoint ``tag`` was trained with."""
     from ami_dist.data.prepared import sha256_file
-    from ami_dist.data.vocab import VOCAB_FILES
 
-    path = run_dir / VOCAB_FILES[kind]
+    path = RunDir(run_dir).vocab(kind)
     if not path.is_file():
         raise UserError(f"{path}: missing; checkpoint {tag} was trained with vocabulary sha256 {saved_sha[:12]} "
                         "(restore the file)")

@@ -227,6 +227,19 @@ class Watchdog:
             self._thread.join()
 
 
+def raise_on_sigterm() -> None:
+    """For a single process, which has no watchdog: SIGTERM raises Terminated in the main thread (between two
+    Python operations), so the run records why it stopped, as a rank of a multi-rank run does."""
+    import signal
+
+    from ami_dist.errors import Terminated
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated("stopped by SIGTERM (from its launcher or the scheduler)")
+
+    signal.signal(signal.SIGTERM, terminate)
+
+
 def start_watchdog(rank: int, world_size: int, timeout_s: float,
                    on_failure: Callable[[str], None] | None = None, catch_sigterm: bool = False) -> Watchdog | None:
     """A running watchdog for this rank of a multi-rank job (None for a single process); with

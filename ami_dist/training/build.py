@@ -12,13 +12,14 @@ from ami_dist.config import Config, flatten, save_config, to_dict
 from ami_dist.data.batching import ShardedBucketSampler
 from ami_dist.data.corpus import Split
 from ami_dist.data.prepared import open_prepared, sha256_file
-from ami_dist.data.vocab import VOCAB_FILES, Vocab, vocab_sha256
+from ami_dist.data.vocab import Vocab, vocab_sha256
 from ami_dist.distributed import Comm, build_engine, load_preset, resolve_ds_config
 from ami_dist.distributed.deepspeed_adapter import adapter_params
 from ami_dist.distributed.engines import construct_model, load_module_weights, micro_batch_size
 from ami_dist.errors import UserError
 from ami_dist.models import build_model
 from ami_dist.models.noise import NoiseNetwork
+from ami_dist.run_dir import RunDir
 from ami_dist.tracking import Tracker
 from ami_dist.training.context import Network, Run
 from ami_dist.training.guard import StepGuard
@@ -37,7 +38,7 @@ def make_run_dir(cfg: Config, comm: Comm) -> Path:
             n += 1
             path = base.with_name(f"{base.name}-{n}")
         path.mkdir(parents=True)
-        save_config(cfg, path / "config.yaml")
+        save_config(cfg, RunDir(path).config)
         return str(path)
 
     return Path(comm.on_main(create))
@@ -47,7 +48,7 @@ def save_vocab(cfg: Config, comm: Comm, vocab: Vocab, run_dir: Path) -> None:
     """The run directory keeps the vocabulary its checkpoints are in; a continuing run must still have it."""
 
     def save() -> None:
-        path = run_dir / VOCAB_FILES[vocab.kind]
+        path = RunDir(run_dir).vocab(vocab.kind)
         if path.is_file():
             saved, prepared = sha256_file(path), vocab_sha256(vocab)
             if saved != prepared:
@@ -120,8 +121,8 @@ def build_run(cfg: Config, comm: Comm, run_dir: Path, tracker: Tracker, ds_confi
             path = run_dir / f"deepspeed_{name}.json"
             path.write_text(json.dumps(ds_config, indent=2) + "\n", encoding="utf-8")
             tracker.log_artifact(path, "config")
-        tracker.log_artifact(run_dir / "config.yaml", "config")
-        tracker.log_artifact(run_dir / VOCAB_FILES[cfg.vocab.kind], "vocab")
+        tracker.log_artifact(RunDir(run_dir).config, "config")
+        tracker.log_artifact(RunDir(run_dir).vocab(cfg.vocab.kind), "vocab")
         params = flatten(to_dict(cfg))
         # ZeRO-3 leaves each rank a shard; ds_numel is the whole parameter's size.
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in networks[0].engine.module.parameters())

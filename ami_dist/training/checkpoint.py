@@ -24,6 +24,7 @@ from ami_dist.config import SCHEMA_VERSION
 from ami_dist.data.vocab import vocab_sha256
 from ami_dist.distributed.safe_load import safe_torch_load
 from ami_dist.errors import UserError
+from ami_dist.run_dir import RunDir
 from ami_dist.training.context import Run
 
 PARTIAL = ".partial"
@@ -37,7 +38,7 @@ def _engines(run: Run) -> dict[str, Any]:
 
 
 def checkpoint_root(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
+    return RunDir(run_dir).checkpoints
 
 
 def _fsync_tree(path: Path) -> None:

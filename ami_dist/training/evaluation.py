@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from ami_dist.decoding.greedy import greedy_decode
 from ami_dist.decoding.rerank import source_logq
+from ami_dist.run_dir import RunDir
 from ami_dist.training.context import Network, Run
 from ami_dist.training.critic import load_fixed_critic
 from ami_dist.training.losses import token_nll
@@ -133,14 +134,14 @@ def evaluate(run: Run) -> dict[str, float]:
 
 def _write_values(run: Run, name: str, values: list[float]) -> None:
     """One number per validation sentence (for paired significance tests between runs)."""
-    path = run.run_dir / "valid" / name
+    path = RunDir(run.run_dir).valid / name
     path.parent.mkdir(exist_ok=True)
     path.write_text("".join(f"{v:.6f}\n" for v in values), encoding="utf-8")
     run.tracker.log_artifact(path, f"valid/step{run.step}")
 
 
 def _write_outputs(run: Run, net: Network, outputs: list[str]) -> None:
-    out_dir = run.run_dir / "valid"
+    out_dir = RunDir(run.run_dir).valid
     out_dir.mkdir(exist_ok=True)
     hyp_path = out_dir / f"{net.name}.step{run.step}.hyp"
     hyp_path.write_text("".join(h + "\n" for h in outputs), encoding="utf-8")

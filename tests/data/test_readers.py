@@ -37,6 +37,12 @@ def test_invalid_utf8_names_line_and_column(tmp_path: Path) -> None:
         read_lines(path)
 
 
+def test_a_nul_byte_names_line_and_column(tmp_path: Path) -> None:
+    path = _write(tmp_path / "bad.en", b"fine\nhalf\x00way\n")
+    with pytest.raises(DataError, match=rf"{path}:2: NUL byte at column 5"):
+        read_lines(path)
+
+
 def test_empty_file_and_empty_line(tmp_path: Path) -> None:
     empty = _write(tmp_path / "empty.en", "")
     with pytest.raises(DataError, match=rf"{empty}: file is empty"):

@@ -133,3 +133,23 @@ def test_deferred_compile_compiles_once_on_the_first_call(monkeypatch) -> None:
     assert compiled == []  # defining it compiles nothing
     assert double(3) == 106 and double(4) == 108  # the compiled function runs, compiled once
     assert len(compiled) == 1 and double.__name__ == "double"
+
+
+def test_the_process_group_is_shut_down_at_exit() -> None:
+    """init_distributed registers the group's shutdown at exit: a process that exits with it alive can abort
+    in gloo's teardown (SIGABRT after its work was done). The handler registered first runs last, and sees
+    no group left."""
+    import subprocess
+    import sys
+
+    from ami_dist.distributed.env import _free_port
+
+    code = ("import atexit, torch.distributed as dist\n"
+            "atexit.register(lambda: print('at exit, initialized:', dist.is_initialized(), flush=True))\n"
+            "from ami_dist.distributed.comm import init_distributed\n"
+            "init_distributed(60)\n"
+            "print('initialized:', dist.is_initialized(), flush=True)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=_one_rank_env(str(_free_port())), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines()[-2:] == ["initialized: True", "at exit, initialized: False"], out.stdout

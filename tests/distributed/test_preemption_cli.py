@@ -55,6 +55,26 @@ def test_preempted_run_exits_75_and_the_same_command_resumes_it(tmp_path: Path) 
     assert steps == list(range(1, MLE_STEPS + 1))
 
 
+@pytest.mark.distributed
+def test_sigterm_to_a_single_process_marks_its_run_failed(tmp_path: Path) -> None:
+    """A world of one has no watchdog; SIGTERM still ends it with one line, exit 143 and a FAILED MLflow run."""
+    cfg = tiny_config(tmp_path, train={"batch_size": 16, "mle_steps": MLE_STEPS, "log_every": 1})
+    uri = cfg["tracking"]["uri"]
+    run_dir = tmp_path / "single"
+    proc = subprocess.Popen([PYTHON, "ami_dist/train.py", "--config", str(write_config(tmp_path, cfg)), "--run_dir",
+                             str(run_dir)], cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not _metric_logged(uri, run_dir) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == "ami-dist: stopped by SIGTERM (from its launcher or the scheduler)"
+    run = MlflowClient(uri).get_run((run_dir / "mlflow_run_id").read_text().strip())
+    assert run.info.status == "FAILED" and "SIGTERM" in run.data.tags["failure_reason"], run.data.tags
+
+
 def test_run_dir_without_a_run_in_it_needs_a_config(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["--run_dir", str(tmp_path / "new")]) == 2
     assert capsys.readouterr().err.strip() == (

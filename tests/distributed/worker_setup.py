@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import atexit
-
 from ami_dist.config import load_config
 from ami_dist.data.prepare import ensure_prepared
-from ami_dist.distributed import detect_launch, init_distributed, shutdown
+from ami_dist.distributed import detect_launch, init_distributed
 from ami_dist.tracking import Tracker
 from ami_dist.training.build import build_run, make_run_dir, resolve_deepspeed
 from ami_dist.training.context import Run
@@ -18,7 +16,4 @@ def build_test_run(config: str, preset: str, tracker: Tracker) -> Run:
     ds_configs = resolve_deepspeed(cfg, preset, detect_launch().world_size)
     prepared = ensure_prepared(cfg, show=False)
     comm = init_distributed(cfg.distributed.timeout_s, 1, cfg.distributed.deepspeed_adapter)
-    # A process that exits with its process group alive can abort in gloo's teardown ("terminate called
-    # without an active exception"), failing a test whose work had succeeded.
-    atexit.register(shutdown)
     return build_run(cfg, comm, make_run_dir(cfg, comm), tracker, ds_configs, preset, prepared)

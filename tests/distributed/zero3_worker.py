@@ -8,7 +8,6 @@ Run under torchrun: ``zero3_worker.py OPTIMIZER FAMILY``; prints one line of JSO
 
 from __future__ import annotations
 
-import atexit
 import copy
 import json
 import sys
@@ -23,7 +22,6 @@ from ami_dist.distributed import (
     init_distributed,
     load_preset,
     resolve_ds_config,
-    shutdown,
 )
 from ami_dist.distributed.deepspeed_adapter import adapter_params
 from ami_dist.distributed.engines import construct_model
@@ -33,7 +31,6 @@ from ami_dist.training.optim import build_optimizer
 
 def main(optimizer_name: str, family: str) -> None:
     comm = init_distributed(60, 1)
-    atexit.register(shutdown)
     extra = {"heads": 2, "ffn_size": 32} if family == "transformer" else {}
     model_cfg = ModelConfig(family=family, emb_dim=16, hidden_size=16, enc_layers=1, dec_layers=1, dropout=0.0,
                             **extra)

@@ -8,7 +8,6 @@ prints one line of JSON.
 
 from __future__ import annotations
 
-import atexit
 import copy
 import json
 import sys
@@ -18,7 +17,7 @@ import torch
 
 from ami_dist.config.schema import OptimConfig, TrainConfig
 from ami_dist.data.batching import make_batch
-from ami_dist.distributed import build_engine, init_distributed, load_preset, resolve_ds_config, shutdown
+from ami_dist.distributed import build_engine, init_distributed, load_preset, resolve_ds_config
 from ami_dist.distributed.deepspeed_adapter import adapter_params, patched_attributes
 from ami_dist.distributed.deepspeed_adapter.zero_cpu import shared_memory_group, stats
 from ami_dist.models import ModelConfig, build_model
@@ -44,7 +43,6 @@ def loss_of(model, b) -> torch.Tensor:
 
 def main(preset: str, optimizer_name: str, adapter: bool) -> None:
     comm = init_distributed(60, 1, adapter)
-    atexit.register(shutdown)  # an exit with the group alive can abort in gloo's teardown
     model_cfg = ModelConfig(emb_dim=16, hidden_size=16, enc_layers=1, dec_layers=1, dropout=0.0)
     optim_cfg = OptimConfig(name=optimizer_name, lr=0.5 if optimizer_name == "sgd" else 0.01, max_grad_norm=0.1)
     torch.manual_seed(3)
