@@ -109,11 +109,13 @@ def compare(uri: str, run_ids: list[str], experiment: str | None, out: Path, log
     if log:
         experiment_name = client.get_experiment(runs[0].info.experiment_id).name
         tracker = MlflowTracker(uri, experiment_name, "comparison",
-                                {"kind": "comparison", "compared_runs": ",".join(r.info.run_id for r in runs)})
+                                {"kind": "comparison", "compared_runs": ",".join(r.info.run_id for r in runs)},
+                                buffer_dir=out, start_offline=True)  # a server gone since the runs were read
         for path in written:
             tracker.log_artifact(path, "comparison")
         tracker.finish()
-        print(f"logged to MLflow run {tracker.run_id}")
+        if tracker.run_id is not None:
+            print(f"logged to MLflow run {tracker.run_id}")
     return written
 
 

@@ -168,7 +168,10 @@ def _log(args: argparse.Namespace, exported: Exported, metrics: dict[str, float]
         tags["mlflow.parentRunId"] = source["mlflow_run_id"]  # nests the evaluation under its training run
     if signature:
         tags["bleu_signature"] = signature
-    tracker = MlflowTracker(source["tracking_uri"], source["experiment"], f"eval-{Path(args.out).stem}", tags)
+    # An unreachable server costs nothing computed here: the records wait in a buffer beside the output
+    # (the run is created when it is replayed: python -m ami_dist.tracking replay BUFFER).
+    tracker = MlflowTracker(source["tracking_uri"], source["experiment"], f"eval-{Path(args.out).stem}", tags,
+                            buffer_dir=out.parent, buffer_name=f"{out.name}.mlflow_buffer.jsonl", start_offline=True)
     tracker.log_params({k: v for k, v in vars(args).items() if k not in ("model", "no_mlflow")})
     tracker.log_metrics(metrics, 0)
     results = out.with_suffix(out.suffix + ".json")
@@ -176,7 +179,8 @@ def _log(args: argparse.Namespace, exported: Exported, metrics: dict[str, float]
     tracker.log_artifact(out, "evaluation")
     tracker.log_artifact(results, "evaluation")
     tracker.finish()
-    print(f"MLflow evaluation run {tracker.run_id} (under training run {source.get('mlflow_run_id') or '-'})")
+    if tracker.run_id is not None:
+        print(f"MLflow evaluation run {tracker.run_id} (under training run {source.get('mlflow_run_id') or '-'})")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -14,11 +14,13 @@ deleted. At the end of the run a last few attempts are made; a buffer the server
 run directory, to be replayed later with ``python -m ami_dist.tracking replay RUN_DIR``. Replaying is safe
 to repeat: MLflow drops a metric whose key, step, timestamp and value it already holds.
 
-The server must answer when the run starts: MLflow assigns the run id, and the run directory records it
-(``mlflow_run_id``) for resuming and for the other commands. An unreachable server at the start is a
-user error (exit code 2) that names the URI. For remote URIs MLflow's HTTP client is given short
-timeouts and few retries (unless the ``MLFLOW_HTTP_REQUEST_*`` variables are set), so a dead server
-costs a few seconds, not MLflow's default of minutes per call.
+A training run needs the server when it starts: MLflow assigns the run id, and the run directory records
+it (``mlflow_run_id``) for resuming and for the other commands. An unreachable server at its start is a
+user error (exit code 2) that names the URI. ``ami-evaluate`` and ``ami-compare`` (``start_offline``) start
+buffering instead: their buffer's header says how to create the run, which the replay then does. For
+remote URIs MLflow's HTTP client is given short timeouts and few retries (unless the
+``MLFLOW_HTTP_REQUEST_*`` variables are set), so a dead server costs a few seconds, not MLflow's default of
+minutes per call.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -239,14 +241,27 @@ def _write_buffer(path: Path, header: dict[str, Any], records: list[dict[str, An
     os.replace(tmp, path)
 
 
-def replay_buffer(path: Path, client: Any = None, uri: str | None = None) -> int:
+def replay_buffer(path: Path, client: Any = None, uri: str | None = None,
+                  on_created: Callable[[str], None] | None = None) -> int:
     """Send the buffered records to their run, in order; returns how many. On success the buffer file is
-    deleted; when a call fails it keeps the records not yet sent, and the error propagates."""
+    deleted; when a call fails it keeps the records not yet sent, and the error propagates. A buffer of a
+    run that could not be created (its header's ``create``) creates it first, and records its id in the
+    header before anything else is sent, so that a replay cut short never creates it twice."""
     header, records = read_buffer(path)
     if client is None:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=uri or header["uri"])
+    if header.get("run_id") is None:
+        create = header["create"]
+        found = client.get_experiment_by_name(create["experiment"])
+        experiment_id = found.experiment_id if found else client.create_experiment(
+            create["experiment"], artifact_location=_artifact_location(uri or header["uri"]))
+        header["run_id"] = client.create_run(experiment_id, run_name=create["run_name"],
+                                             tags=create["tags"]).info.run_id
+        _write_buffer(path, header, records)
+        if on_created is not None:
+            on_created(header["run_id"])
     sent = 0
     try:
         for chunk in _chunks(records):
@@ -297,13 +312,15 @@ class MlflowTracker:
 
     def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None,
                  run_id: str | None = None, buffer_dir: str | Path | None = None,
-                 retry_every_s: float | None = None) -> None:
+                 retry_every_s: float | None = None, buffer_name: str = BUFFER_FILE,
+                 start_offline: bool = False) -> None:
         logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations on a new store are noisy
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
         self.buffer_dir = Path(buffer_dir) if buffer_dir is not None else None
-        self.buffer = self.buffer_dir / BUFFER_FILE if self.buffer_dir is not None else None
+        self.buffer = self.buffer_dir / buffer_name if self.buffer_dir is not None else None
+        self._start_offline = start_offline and self.buffer is not None and run_id is None
         self.retry_every_s = (float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S)) if retry_every_s is None
                               else retry_every_s)
         self.buffering = False
@@ -348,6 +365,11 @@ class MlflowTracker:
                 experiment, artifact_location=_artifact_location(uri))
             self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags or {}).info.run_id
         except MlflowException as e:
+            if is_unreachable(e) and self._start_offline:  # the run is created when the buffer is replayed
+                self.run_id = None
+                create = {"experiment": experiment, "run_name": run_name, "tags": tags or {}}
+                self._start_buffering(e, create)
+                return
             if is_unreachable(e):
                 raise UserError(f"MLflow tracking server {uri} unreachable ({_reason(e)}): the run needs it to "
                                 "start; start it, or change tracking.uri, or set tracking.enabled=false") from None
@@ -391,7 +413,7 @@ class MlflowTracker:
             _say(f"ami-dist: warning: MLflow tracking server {self.uri} still unreachable at the end of the run"
                  f"{f' ({self._last_error})' if self._last_error else ''}; {len(records)} records stay in "
                  f"{self.buffer}; when the server is back, replay them with: python -m ami_dist.tracking replay "
-                 f"{self.buffer_dir}")
+                 f"{self.buffer}")
 
     # -- buffering ------------------------------------------------------------------------------------
 
@@ -410,18 +432,24 @@ class MlflowTracker:
                 self._start_buffering(e)
                 self._append(record)
 
-    def _start_buffering(self, error: BaseException) -> None:
+    def _start_buffering(self, error: BaseException, create: dict[str, Any] | None = None) -> None:
         self.buffering = True
         self._last_try = time.monotonic()
         if not self.buffer.is_file():
-            _write_buffer(self.buffer, {"op": "run", "uri": self.uri, "run_id": self.run_id}, [])
-        _say(f"ami-dist: warning: MLflow tracking server {self.uri} unreachable ({_reason(error)}); training "
-             f"continues, buffering metrics to {self.buffer} and replaying them when the server returns (or "
-             f"later with: python -m ami_dist.tracking replay {self.buffer_dir})")
+            header = {"op": "run", "uri": self.uri, "run_id": self.run_id}
+            if create is not None:
+                header["create"] = create
+            _write_buffer(self.buffer, header, [])
+        _say(f"ami-dist: warning: MLflow tracking server {self.uri} unreachable ({_reason(error)}); "
+             f"{'training continues, ' if create is None else ''}buffering to {self.buffer} and replaying it when "
+             f"the server returns (or later with: python -m ami_dist.tracking replay {self.buffer})")
 
     def _append(self, record: dict[str, Any]) -> None:
         with self.buffer.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+    def _created(self, run_id: str) -> None:
+        self.run_id = run_id
 
     def _try_replay(self) -> bool:
         """Replay the buffer if the server answers; True when it is empty again."""
@@ -430,7 +458,7 @@ class MlflowTracker:
             self._last_error = "connection refused or timed out"
             return False
         try:
-            count = replay_buffer(self.buffer, self.client)
+            count = replay_buffer(self.buffer, self.client, on_created=self._created)
         except Exception as e:
             error = _reason(e) if is_unreachable(e) else f"{type(e).__name__}: {str(e)[:300]}"
             if not is_unreachable(e) and error != self._last_error:  # rejected, not unreachable: say so once
@@ -466,10 +494,11 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     replay = commands.add_parser("replay", help="send the MLflow records a run buffered while its tracking "
                                  "server was unreachable (RUN_DIR/mlflow_buffer.jsonl)")
-    replay.add_argument("run_dir", type=Path, help="the run directory")
+    replay.add_argument("run_dir", type=Path, help="the run directory, or a buffer file (ami-evaluate's, "
+                        "ami-compare's)")
     replay.add_argument("--uri", help="the tracking server, if it moved (default: the one the run used)")
     args = parser.parse_args(argv)
-    path = args.run_dir / BUFFER_FILE
+    path = args.run_dir if args.run_dir.is_file() else args.run_dir / BUFFER_FILE
     if not path.is_file():
         print(f"ami-dist: {path} does not exist: nothing to replay", flush=True)
         return 0
@@ -481,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
             use_short_http_timeouts()
             if not server_answers(uri):
                 raise UserError(f"MLflow tracking server {uri} unreachable; {len(records)} records stay in {path}")
-        count = replay_buffer(path, uri=uri)
+        created: list[str] = []
+        count = replay_buffer(path, uri=uri, on_created=created.append)
     except UserError:
         raise
     except Exception as e:  # the server went away again, or rejected a record: what was not sent stays
@@ -489,7 +519,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ami-dist: error: replay into {uri} stopped ({why}); the records not sent stay in {path}",
               file=sys.stderr, flush=True)
         return 1
-    print(f"ami-dist: replayed {count} records into MLflow run {header['run_id']} at {uri}", flush=True)
+    run_id = created[0] if created else header["run_id"]
+    print(f"ami-dist: replayed {count} records into MLflow run {run_id}{' (created)' if created else ''} at {uri}",
+          flush=True)
     return 0
 
 

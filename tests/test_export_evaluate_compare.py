@@ -152,3 +152,39 @@ def test_export_needs_only_the_run_directory(finished_run: Path, tmp_path: Path)
     for name, network in before.networks.items():
         again = after.networks[name].state_dict()
         assert all(torch.equal(value, again[key]) for key, value in network.state_dict().items()), name
+
+
+def test_evaluate_with_the_tracking_server_down_buffers_and_the_replay_creates_its_run(finished_run: Path,
+                                                                                      tmp_path: Path) -> None:
+    """ami-evaluate does not need the server: its records wait beside its output, and the replay (once the
+    server is back) creates the evaluation run, nested under the training run, with every record."""
+    import shutil
+
+    from ami_dist.distributed.env import _free_port
+    from tests.finished_run import run_in
+
+    case = tmp_path / "case"
+    shutil.copytree(finished_run, case)
+    payload = torch.load(case / "model.pt", weights_only=True)
+    payload["source"]["tracking_uri"] = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    torch.save(payload, case / "offline.pt")
+    src, ref = DATA / "tatoeba_en_de/valid.en", DATA / "tatoeba_en_de/valid.de"
+    proc = run_in(case, ["-m", "ami_dist.evaluate", "--model", "offline.pt", "--src", str(src), "--ref", str(ref),
+                         "--out", "eval/valid.hyp"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "unreachable" in proc.stderr and (case / "eval/valid.hyp").is_file()
+    buffer = case / "eval/valid.hyp.mlflow_buffer.jsonl"
+    assert buffer.is_file(), proc.stderr[-2000:]
+    metrics = json.loads((case / "eval/valid.hyp.json").read_text())["metrics"]
+
+    back = f"sqlite:///{tmp_path / 'back.db'}"  # the server's store, answering again
+    replay = run_in(case, ["-m", "ami_dist.tracking", "replay", str(buffer), "--uri", back])
+    assert replay.returncode == 0, replay.stderr[-2000:]
+    assert "(created)" in replay.stdout and not buffer.exists()
+    client = MlflowClient(tracking_uri=back)
+    (run,) = client.search_runs([client.get_experiment_by_name(payload["source"]["experiment"]).experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["kind"] == "evaluation"
+    assert run.data.tags["mlflow.parentRunId"] == payload["source"]["mlflow_run_id"]
+    assert run.data.metrics["test/bleu"] == pytest.approx(metrics["test/bleu"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} == {
+        "evaluation/valid.hyp", "evaluation/valid.hyp.json"}
