@@ -71,7 +71,8 @@ def main() -> None:
     from ami_dist import ops
     from ami_dist.config import load_config
     from ami_dist.data.prepare import ensure_prepared
-    from ami_dist.distributed import init_distributed, shutdown
+    from ami_dist.distributed import init_distributed
+    from ami_dist.distributed.comm import exit_worker
     from ami_dist.distributed.deepspeed_adapter import adapter_params
     from ami_dist.training.build import build_run, make_run_dir, resolve_deepspeed
     from ami_dist.training.checkpoint import latest_tag, resume
@@ -106,7 +107,6 @@ def main() -> None:
         resume(second, tag)
         resumed_at = second.step
         train(second)
-    shutdown()
 
     mle = SCHEDULES["dry" if args.dry else "gpu"][0]
     nll = [v for s, v in sorted(whole.metrics["fw/mle_nll"].items()) if s <= mle]
@@ -143,7 +143,7 @@ def main() -> None:
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
-    sys.exit(0 if result["ok"] else 1)
+    exit_worker(0 if result["ok"] else 1)
 
 
 if __name__ == "__main__":

@@ -262,11 +262,15 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker == "ami":
-        ami_worker(args.config, args.preset, args.steps, args.warmup, args.out)
-        return
     if args.worker:
-        worker(args.worker, args.config, args.preset, args.steps, args.warmup, args.out)
+        if args.worker == "ami":
+            ami_worker(args.config, args.preset, args.steps, args.warmup, args.out)
+        else:
+            worker(args.worker, args.config, args.preset, args.steps, args.warmup, args.out)
+        if args.worker != "torch":
+            from ami_dist.distributed.comm import exit_worker
+
+            exit_worker()
         return
     import tempfile
 

@@ -141,8 +141,10 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
+        from ami_dist.distributed.comm import exit_worker
+
         worker(args.worker, args.out)
-        return
+        exit_worker()
     ranks = [int(r) for r in args.ranks.split(",")]
     stages = [int(s) for s in args.stages.split(",")]
     cache = tempfile.mkdtemp(prefix="zero-memory-")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from worker_setup import build_test_run  # this script's own directory is on sys.path
 
+from ami_dist.distributed.comm import exit_worker
 from ami_dist.tracking import NullTracker
 from ami_dist.training.loop import run_step
 from ami_dist.training.meter import Meter
@@ -48,3 +49,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_worker()  # see its docstring: no abort at teardown after the work is done

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ami_dist.distributed import shm_collectives
+from ami_dist.distributed.comm import exit_worker
 from ami_dist.distributed.shm_collectives import SharedMemoryGroup
 
 CHUNK_BYTES = 64  # 16 float32 per rank and round: every tensor below crosses several rounds
@@ -129,3 +130,4 @@ def main(directory: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    exit_worker()  # see its docstring: no abort at teardown after the work is done

@@ -23,6 +23,7 @@ from ami_dist.distributed import (
     load_preset,
     resolve_ds_config,
 )
+from ami_dist.distributed.comm import exit_worker
 from ami_dist.distributed.deepspeed_adapter import adapter_params
 from ami_dist.distributed.engines import construct_model
 from ami_dist.models import ModelConfig, build_model
@@ -81,3 +82,4 @@ def main(optimizer_name: str, family: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    exit_worker()  # see its docstring: no abort at teardown after the work is done

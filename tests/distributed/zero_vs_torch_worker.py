@@ -18,6 +18,7 @@ import torch
 from ami_dist.config.schema import OptimConfig, TrainConfig
 from ami_dist.data.batching import make_batch
 from ami_dist.distributed import build_engine, init_distributed, load_preset, resolve_ds_config
+from ami_dist.distributed.comm import exit_worker
 from ami_dist.distributed.deepspeed_adapter import adapter_params, patched_attributes
 from ami_dist.distributed.deepspeed_adapter.zero_cpu import shared_memory_group, stats
 from ami_dist.models import ModelConfig, build_model
@@ -91,3 +92,4 @@ def main(preset: str, optimizer_name: str, adapter: bool) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], sys.argv[3] == "on")
+    exit_worker()  # see its docstring: no abort at teardown after the work is done

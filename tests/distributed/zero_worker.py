@@ -14,6 +14,7 @@ import torch
 from worker_setup import build_test_run  # this script's own directory is on sys.path
 
 from ami_dist.distributed import full_parameters
+from ami_dist.distributed.comm import exit_worker
 from ami_dist.training.loop import train
 
 
@@ -58,3 +59,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_worker()  # see its docstring: no abort at teardown after the work is done
