@@ -413,7 +413,7 @@ class MlflowTracker:
             _say(f"ami-dist: warning: MLflow tracking server {self.uri} still unreachable at the end of the run"
                  f"{f' ({self._last_error})' if self._last_error else ''}; {len(records)} records stay in "
                  f"{self.buffer}; when the server is back, replay them with: python -m ami_dist.tracking replay "
-                 f"{self.buffer}")
+                 f"{self._replay_target()}")
 
     # -- buffering ------------------------------------------------------------------------------------
 
@@ -440,9 +440,15 @@ class MlflowTracker:
             if create is not None:
                 header["create"] = create
             _write_buffer(self.buffer, header, [])
-        _say(f"ami-dist: warning: MLflow tracking server {self.uri} unreachable ({_reason(error)}); "
-             f"{'training continues, ' if create is None else ''}buffering to {self.buffer} and replaying it when "
-             f"the server returns (or later with: python -m ami_dist.tracking replay {self.buffer})")
+        what = "training continues, buffering metrics" if create is None else "buffering its records"
+        _say(f"ami-dist: warning: MLflow tracking server {self.uri} unreachable ({_reason(error)}); {what} to "
+             f"{self.buffer} and replaying them when the server returns (or later with: python -m "
+             f"ami_dist.tracking replay {self._replay_target()})")
+
+    def _replay_target(self) -> Path:
+        """What to hand the replay command: the run directory, or a buffer file of another name."""
+        assert self.buffer is not None and self.buffer_dir is not None
+        return self.buffer_dir if self.buffer.name == BUFFER_FILE else self.buffer
 
     def _append(self, record: dict[str, Any]) -> None:
         with self.buffer.open("a", encoding="utf-8") as f:
