@@ -63,6 +63,7 @@ def run_training(args: argparse.Namespace) -> int:
     from ami_dist.config import load_config
     from ami_dist.data.prepare import check_enough_pairs, ensure_prepared
     from ami_dist.distributed import detect_launch, init_distributed, shutdown
+    from ami_dist.distributed.engines import zero_stage
     from ami_dist.distributed.preemption import EXIT_REQUEUE, Preemption
     from ami_dist.distributed.safe_load import check_init_checkpoint, check_resumable
     from ami_dist.distributed.watchdog import raise_on_sigterm, start_watchdog
@@ -90,7 +91,7 @@ def run_training(args: argparse.Namespace) -> int:
     cfg.distributed.deepspeed_config = preset_path  # the saved config says which preset ran
     launch = detect_launch()
     ds_configs = resolve_deepspeed(cfg, preset_path, launch.world_size)
-    if launch.world_size == 1 and ds_configs["forward"].get("zero_optimization", {}).get("stage") == 3:
+    if launch.world_size == 1 and zero_stage(ds_configs["forward"]) == 3:
         print(f"ami-dist: note: {preset_path}: ZeRO-3 on one rank partitions nothing and keeps a whole gradient "
               "buffer besides the weights; ZeRO-2 (configs/ds_zero2.json) needs less memory here "
               "(benchmarks/zero_memory.py)", file=sys.stderr, flush=True)

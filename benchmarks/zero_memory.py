@@ -54,7 +54,8 @@ def held_tensor_bytes(roots: list[Any]) -> int:
             if obj.device.type != "meta":
                 storage = obj.untyped_storage()
                 storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
-            stack.extend(v for v in vars(obj).values()) if hasattr(obj, "__dict__") else None
+            if hasattr(obj, "__dict__"):  # ZeRO-3 hangs its partition (ds_tensor) on the parameter
+                stack.extend(vars(obj).values())
             if obj.is_leaf and obj.grad is not None:
                 stack.append(obj.grad)
         elif isinstance(obj, dict):

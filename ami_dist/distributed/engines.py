@@ -123,8 +123,9 @@ def construct_model(make: Callable[[bool], nn.Module], ds_config: dict[str, Any]
     no rank ever holds the whole network; its initialisation then runs one parameter at a time, each gathered
     for its own step (the network's ``init_plan``), which draws the same numbers as a plain construction.
     """
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        size_buffers(ds_config, [p.numel() for p in make(False).parameters()])
+    if any(ds_config.get("zero_optimization", {}).get(key) == "auto" for key in AUTO_KEYS):
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            size_buffers(ds_config, [p.numel() for p in make(False).parameters()])
     if zero_stage(ds_config) != 3:
         return make(True)
     import deepspeed

@@ -15,7 +15,7 @@ from ami_dist.data.prepared import open_prepared, sha256_file
 from ami_dist.data.vocab import Vocab, vocab_sha256
 from ami_dist.distributed import Comm, build_engine, load_preset, resolve_ds_config
 from ami_dist.distributed.deepspeed_adapter import adapter_params
-from ami_dist.distributed.engines import construct_model, load_module_weights, micro_batch_size
+from ami_dist.distributed.engines import construct_model, load_module_weights, micro_batch_size, zero_stage
 from ami_dist.errors import UserError
 from ami_dist.models import build_model
 from ami_dist.models.noise import NoiseNetwork
@@ -128,7 +128,7 @@ def build_run(cfg: Config, comm: Comm, run_dir: Path, tracker: Tracker, ds_confi
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in networks[0].engine.module.parameters())
         params.update({
             "deepspeed_config": preset_path,
-            "zero_stage": ds_configs["forward"].get("zero_optimization", {}).get("stage", 0),
+            "zero_stage": zero_stage(ds_configs["forward"]),
             "world_size": comm.world_size,
             "micro_batch_size": micro,
             "vocab_size": len(vocab),

@@ -123,7 +123,7 @@ def test_a_method_whose_parameters_changed_is_left_as_deepspeed_has_it(monkeypat
     original = Changed.allreduce_and_copy
     monkeypatch.setattr(zero_cpu, "_class_adaptations", lambda: {
         "shm_gradient_reduce": [(Changed, "allreduce_and_copy", zero_cpu._allreduce_and_copy,
-                                 zero_cpu._gradient_all_reduce)]})
+                                 zero_cpu._handled_by(zero_cpu._allreduce_and_copy, zero_cpu._gradient_all_reduce))]})
     assert zero_cpu.install_zero_cpu() == []
     assert Changed.allreduce_and_copy is original
 

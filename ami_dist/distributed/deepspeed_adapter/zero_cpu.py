@@ -453,25 +453,33 @@ def return_large_frees_to_the_system() -> bool:
     return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
 
 
-# name: (class, method, the parameters read, the handler), installed by install_zero_cpu
-def _class_adaptations() -> dict[str, list[tuple[Any, str, Callable[..., Any], Callable[[dict[str, Any]], Any]]]]:
+Build = Callable[[Callable[..., Any]], Callable[..., Any]]  # DeepSpeed's method -> the method put in its place
+
+
+def _handled_by(understood: Callable[..., Any], handle: Callable[[dict[str, Any]], Any]) -> Build:
+    return functools.partial(wrap, understood=understood, handle=handle)
+
+
+# name: (class, method, the parameters read, how its replacement is built), installed by install_zero_cpu
+def _class_adaptations() -> dict[str, list[tuple[Any, str, Callable[..., Any], Build]]]:
     import deepspeed.comm.torch  # noqa: F401  (the attribute deepspeed.comm.torch is PyTorch itself)
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Zero3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as Zero
 
     backend = sys.modules["deepspeed.comm.torch"].TorchBackend
     return {
-        "shm_all_gather": [(backend, "all_gather_into_tensor", _all_gather_into_tensor, _fast_all_gather)],
-        "shm_gradient_reduce": [(Zero, "allreduce_and_copy", _allreduce_and_copy, _gradient_all_reduce),
+        "shm_all_gather": [(backend, "all_gather_into_tensor", _all_gather_into_tensor,
+                            _handled_by(_all_gather_into_tensor, _fast_all_gather))],
+        "shm_gradient_reduce": [(Zero, "allreduce_and_copy", _allreduce_and_copy,
+                                 _handled_by(_allreduce_and_copy, _gradient_all_reduce)),
                                 (Zero, "allreduce_and_copy_with_multiple_ranks",
-                                 _allreduce_and_copy_with_multiple_ranks, _bucket_all_reduce)],
-        "blockwise_grad_norm": [(Zero, "get_grad_norm_direct", _get_grad_norm_direct, _blockwise_grad_norm)],
+                                 _allreduce_and_copy_with_multiple_ranks,
+                                 _handled_by(_allreduce_and_copy_with_multiple_ranks, _bucket_all_reduce))],
+        "blockwise_grad_norm": [(Zero, "get_grad_norm_direct", _get_grad_norm_direct,
+                                 _handled_by(_get_grad_norm_direct, _blockwise_grad_norm))],
         "stage3_shared_master_weights": [(Zero3, "_create_fp32_partitions", _create_fp32_partitions,
                                           _stage3_master_shared)],
     }
-
-
-WRAPPER_FACTORIES = (_stage3_master_shared,)  # handlers that build their wrapper from the original themselves
 
 
 def install_zero_cpu() -> list[str]:
@@ -480,7 +488,7 @@ def install_zero_cpu() -> list[str]:
     installed = []
     for name, changes in _class_adaptations().items():
         usable = []
-        for cls, method, understood, handle in changes:
+        for cls, method, understood, build in changes:
             original = getattr(cls, method, None)
             if original is None:
                 continue
@@ -488,14 +496,13 @@ def install_zero_cpu() -> list[str]:
             have = inspect.signature(getattr(original, "ami_dist_original", original)).parameters
             if "args" not in have and not all(p in have for p in wanted):
                 continue  # DeepSpeed's method changed: ours would read arguments it no longer takes
-            usable.append((cls, method, understood, handle))
+            usable.append((cls, method, build))
         if len(usable) != len(changes):
             continue
-        for cls, method, understood, handle in usable:
+        for cls, method, build in usable:
             original = getattr(cls, method)
             if not getattr(original, "ami_dist_patched", False):
-                factory = handle in WRAPPER_FACTORIES
-                setattr(cls, method, handle(original) if factory else wrap(original, understood, handle))
+                setattr(cls, method, build(original))
         installed.append(name)
     return installed
 
