@@ -25,6 +25,7 @@ def worker(numel: int, repeats: int) -> None:
     import torch
     import torch.distributed as dist
 
+    from ami_dist.distributed.comm import exit_worker
     from ami_dist.distributed.deepspeed_adapter.zero_cpu import all_gather_by_broadcast
     from ami_dist.distributed.shm_collectives import SharedMemoryGroup
 
@@ -82,7 +83,7 @@ def worker(numel: int, repeats: int) -> None:
         print(f"  shared-memory all-reduce      {shm_reduce:7.1f} ms   {reduce / shm_reduce:.2f}x faster than gloo's")
         print(f"  shared-memory reduce-scatter  {shm_scatter:7.1f} ms   {shm_reduce / shm_scatter:.2f}x faster "
               "than the shared-memory all-reduce (ZeRO-2's own partition)")
-    dist.destroy_process_group()
+    exit_worker()
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import warnings
 import torch
 
 from ami_dist.config.schema import OptimConfig, TrainConfig
+from ami_dist.distributed.comm import exit_worker
 from ami_dist.distributed.deepspeed_adapter import adapter_params, import_deepspeed, patched_attributes
 from ami_dist.distributed.engines import build_engine, load_preset, resolve_ds_config
 
@@ -45,4 +46,4 @@ print(json.dumps({
     "warnings": adapter_warnings,
     "params": adapter_params(),
 }))
-torch.distributed.destroy_process_group()
+exit_worker()

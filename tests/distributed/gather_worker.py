@@ -13,6 +13,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from ami_dist.distributed.comm import exit_worker
 from ami_dist.distributed.deepspeed_adapter import import_deepspeed
 from ami_dist.distributed.deepspeed_adapter.zero_cpu import shared_memory_group
 
@@ -46,5 +47,4 @@ dist.barrier()
 my_groups = [None] if rank == 1 else [None, subgroup]
 used_shm = all(shared_memory_group(g) is not None for g in my_groups)  # attached by the gathers above
 sys.stdout.write(f"ok {rank} {patched} {used_shm}\n")  # one write: the ranks share the pipe
-sys.stdout.flush()
-dist.destroy_process_group()
+exit_worker()
