@@ -68,6 +68,7 @@ setup(
             "ami-evaluate=ami_dist.evaluate:main",
             "ami-compare=ami_dist.compare:main",
             "ami-prepare=ami_dist.prepare:main",
+            "ami-generate=ami_dist.generate:main",
         ]
     },
 )

@@ -1,4 +1,4 @@
-"""What every command (ami-train, ami-export, ami-evaluate, ami-compare, ami-prepare, the tracking replay,
+"""What every command (ami-train, ami-export, ami-evaluate, ami-generate, ami-compare, ami-prepare, the replay,
 mark_failed) does with its outcome: one helper owns the exit codes and the one-line messages.
 
   0    done

@@ -21,9 +21,8 @@ from sacrebleu.metrics import BLEU, CHRF
 from ami_dist.data.batching import make_batch
 from ami_dist.data.dialog import dialog_pairs, read_personachat
 from ami_dist.data.textio import read_lines
-from ami_dist.decoding.beam import beam_search
-from ami_dist.decoding.greedy import greedy_decode
-from ami_dist.decoding.rerank import Reranker, backward_logq, source_logq
+from ami_dist.decoding.rerank import Reranker, source_logq
+from ami_dist.decoding.strategy import Strategy, decode_all
 from ami_dist.entry import Parser, command
 from ami_dist.errors import UserError
 from ami_dist.export import Exported, load_exported
@@ -52,34 +51,15 @@ def read_inputs(args: argparse.Namespace, exported: Exported) -> tuple[list[str]
     return sources, refs
 
 
-@torch.no_grad()
 def decode(args: argparse.Namespace, exported: Exported, sources: list[list[int]]) -> list[list[int]]:
-    """Hypothesis ids for every source, in input order; batches are length-sorted for speed."""
-    vocab = exported.vocab
-    model = exported.networks[args.direction]
+    """The best hypothesis's ids for every source, in input order."""
     other = exported.networks["backward" if args.direction == "forward" else "forward"]
-    reranker = Reranker(args.rerank, args.mmi_alpha, args.mmi_gamma) if args.rerank != "none" else None
-    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
-    out: dict[int, list[int]] = {}
-    for start in range(0, len(order), args.batch_size):
-        rows = order[start : start + args.batch_size]
-        batch = make_batch([sources[i] for i in rows], [[]] * len(rows), vocab.pad_id, vocab.bos_id, vocab.eos_id)
-        if args.beam == 1 and reranker is None:
-            max_len = int(args.max_len_a * int(batch.src_lengths.max()) + args.max_len_b)
-            ids = greedy_decode(model, batch.src, batch.src_lengths, bos_id=vocab.bos_id, eos_id=vocab.eos_id,
-                                pad_id=vocab.pad_id, max_len=max_len)
-            out.update(zip(rows, ids, strict=True))
-            continue
-        nbest = beam_search(model, batch.src, batch.src_lengths, beam_size=args.beam, n_best=args.n_best,
-                            bos_id=vocab.bos_id, eos_id=vocab.eos_id, pad_id=vocab.pad_id,
-                            max_len_a=args.max_len_a, max_len_b=args.max_len_b, alpha=args.length_penalty)
-        for i, hyps in zip(rows, nbest, strict=True):
-            if reranker is not None:
-                scores = backward_logq(other, sources[i], hyps, pad_id=vocab.pad_id, bos_id=vocab.bos_id,
-                                       eos_id=vocab.eos_id)
-                hyps = reranker.rerank(hyps, scores)
-            out[i] = hyps[0].tokens
-    return [out[i] for i in range(len(sources))]
+    strategy = Strategy("greedy" if args.beam == 1 and args.rerank == "none" else "beam", beam=args.beam,
+                        pool=args.n_best, length_penalty=args.length_penalty, max_len_a=args.max_len_a,
+                        max_len_b=args.max_len_b, scored=False,
+                        rerank=Reranker(args.rerank, args.mmi_alpha, args.mmi_gamma) if args.rerank != "none" else None)
+    found = decode_all(strategy, exported.networks[args.direction], other, sources, exported.vocab, args.batch_size)
+    return [hyps[0].tokens for hyps in found]
 
 
 @torch.no_grad()

@@ -55,8 +55,7 @@ def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None) -> 
     vocab_file = files.vocab(cfg.vocab.kind)
     if not vocab_file.is_file():
         raise UserError(f"{vocab_file}: vocabulary file missing from the run directory")
-    vocab_bytes = vocab_file.read_bytes()
-    vocab = vocab_from_bytes(cfg.vocab.kind, vocab_bytes)
+    vocab = vocab_from_bytes(cfg.vocab.kind, vocab_file.read_bytes())
     networks = {}
     for name in NETWORKS:
         checkpoint = files.checkpoints / name
@@ -67,30 +66,33 @@ def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None) -> 
         _check_fits(networks[name], build_model(cfg.model, len(vocab), vocab.pad_id), checkpoint / tag,
                     files.config)
     uri_file = files.mlflow_tracking_uri
-    payload = {
-        "format": FORMAT,
-        "model": to_dict(cfg.model),
-        "vocab": {"kind": cfg.vocab.kind, "data": vocab_bytes},
-        "networks": networks,
-        "source": {
-            "run_dir": str(run_dir.resolve()),
-            "tag": tag,
-            "mlflow_run_id": files.run_id() or "",
-            "tracking_uri": uri_file.read_text().strip() if uri_file.is_file() else absolute_uri(
-                resolve_uri(cfg.tracking.uri)),
-            "experiment": cfg.tracking.experiment,
-            "task": cfg.run.task,
-            "data": to_dict(cfg.data),
-            "licenses": {"ami-dist": "Apache-2.0", "data": cfg.data.license},
-            "eval": to_dict(cfg.eval),
-        },
+    source = {
+        "run_dir": str(run_dir.resolve()),
+        "tag": tag,
+        "mlflow_run_id": files.run_id() or "",
+        "tracking_uri": uri_file.read_text().strip() if uri_file.is_file() else absolute_uri(
+            resolve_uri(cfg.tracking.uri)),
+        "experiment": cfg.tracking.experiment,
+        "task": cfg.run.task,
+        "data": to_dict(cfg.data),
+        "licenses": {"ami-dist": "Apache-2.0", "data": cfg.data.license},
+        "eval": to_dict(cfg.eval),
     }
+    return write_model_file(out, cfg.model, vocab, networks, source)
+
+
+def write_model_file(out: str | Path, model: ModelConfig, vocab: Vocab, networks: dict[str, dict[str, torch.Tensor]],
+                     source: dict[str, Any]) -> Path:
+    """The model file: both networks' fp32 weights with their config, vocabulary and ``source`` (where they came
+    from, the data and evaluation settings). Replaced atomically: an earlier file stays whole until the new one is."""
+    payload = {"format": FORMAT, "model": to_dict(model), "vocab": {"kind": vocab.kind, "data": vocab.to_bytes()},
+               "networks": networks, "source": source}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     try:
         torch.save(payload, tmp)
-        os.replace(tmp, out)  # an earlier export at ``out`` stays whole until the new one is
+        os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return out

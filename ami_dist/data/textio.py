@@ -25,6 +25,19 @@ def open_text_file(path: str | Path) -> BinaryIO:
         raise DataError(f"{path}: is a directory, expected a text file") from None
 
 
+def decode_line(raw: bytes, name: str | Path, number: int) -> str:
+    """Line ``number`` of ``name`` as text, without its line ending; invalid UTF-8 or a NUL byte is a DataError
+    naming the line and column."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name}:{number}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+    line = line.removesuffix("\n").removesuffix("\r")
+    if "\x00" in line:  # valid UTF-8, but never text: a binary file or a corrupted copy
+        raise DataError(f"{name}:{number}: NUL byte at column {line.index(chr(0)) + 1} (a binary or corrupted file?)")
+    return line
+
+
 def _rest_is_blank(f) -> bool:
     while chunk := f.read(_CHUNK):
         if chunk.strip():
@@ -45,15 +58,7 @@ def iter_lines(path: str | Path, *, allow_empty_lines: bool = False, max_chars: 
         seen_text = False
         number = 0
         for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{number}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column "
-                                f"{e.start + 1})") from None
-            line = line.removesuffix("\n").removesuffix("\r")
-            if "\x00" in line:  # valid UTF-8, but never text: a binary file or a corrupted copy
-                raise DataError(f"{path}:{number}: NUL byte at column {line.index(chr(0)) + 1} (a binary or "
-                                "corrupted file?)")
+            line = decode_line(raw, path, number)
             if not line.strip():
                 if not allow_empty_lines:
                     if not seen_text and _rest_is_blank(f):

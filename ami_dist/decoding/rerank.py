@@ -38,17 +38,29 @@ class Reranker:
 
 
 @torch.no_grad()
+def target_logprob(network: torch.nn.Module, inputs: Sequence[list[int]], targets: Sequence[list[int]], *,
+                   pad_id: int, bos_id: int, eos_id: int, length_normalise: bool = False,
+                   device: torch.device | str = "cpu") -> list[float]:
+    """log P(target, EOS | input) of each pair under ``network``, teacher-forced, as one batch.
+
+    An empty input is read as the single token EOS (as in training); ``length_normalise`` divides by the
+    number of target tokens (EOS included).
+    """
+    if not inputs:
+        return []
+    batch = make_batch([s or [eos_id] for s in inputs], list(targets), pad_id, bos_id, eos_id).to(device)
+    logits = network(batch.src, batch.src_lengths, batch.tgt_in)
+    return (-sentence_nll(logits, batch.tgt_out, pad_id, length_normalise=length_normalise)).tolist()
+
+
 def source_logq(backward: torch.nn.Module, outputs: Sequence[list[int]], sources: Sequence[list[int]], *, pad_id: int,
                 bos_id: int, eos_id: int, length_normalise: bool = False,
                 device: torch.device | str = "cpu") -> list[float]:
-    """log q(S | T) of each source S given the output T beside it, under a backward network, as one batch.
-
-    An empty output is read as the single token EOS (as in training); ``length_normalise`` divides by the
-    number of tokens of S (EOS included), the form of AMI's rewards and of ``valid/mi_logq``.
-    """
-    batch = make_batch([t or [eos_id] for t in outputs], list(sources), pad_id, bos_id, eos_id).to(device)
-    logits = backward(batch.src, batch.src_lengths, batch.tgt_in)
-    return (-sentence_nll(logits, batch.tgt_out, pad_id, length_normalise=length_normalise)).tolist()
+    """log q(S | T) of each source S given the output T beside it, under a backward network, as one batch:
+    :func:`target_logprob` with the output as input. With ``length_normalise``, the form of AMI's rewards and
+    of ``valid/mi_logq``."""
+    return target_logprob(backward, outputs, sources, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id,
+                          length_normalise=length_normalise, device=device)
 
 
 def backward_logq(backward: Seq2Seq, source: list[int], nbest: list[Hypothesis], *, pad_id: int, bos_id: int,
@@ -56,3 +68,16 @@ def backward_logq(backward: Seq2Seq, source: list[int], nbest: list[Hypothesis],
     """log q(S | T) of the source under the backward network, for every hypothesis T of the n-best list."""
     return source_logq(backward, [h.tokens for h in nbest], [source] * len(nbest), pad_id=pad_id, bos_id=bos_id,
                        eos_id=eos_id, device=device)
+
+
+def rerank_all(reranker: Reranker, backward: Seq2Seq, sources: Sequence[list[int]], nbests: Sequence[list[Hypothesis]],
+               *, pad_id: int, bos_id: int, eos_id: int, device: torch.device | str = "cpu") -> list[list[Hypothesis]]:
+    """Every n-best list reranked, with log q(S | T) of all their hypotheses computed as one batch."""
+    outputs = [h.tokens for hyps in nbests for h in hyps]
+    repeated = [source for source, hyps in zip(sources, nbests, strict=True) for _ in hyps]
+    logq = source_logq(backward, outputs, repeated, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id, device=device)
+    ranked, start = [], 0
+    for hyps in nbests:
+        ranked.append(reranker.rerank(hyps, logq[start : start + len(hyps)]))
+        start += len(hyps)
+    return ranked
