@@ -53,12 +53,12 @@ def read_inputs(args: argparse.Namespace, exported: Exported) -> tuple[list[str]
 
 def decode(args: argparse.Namespace, exported: Exported, sources: list[list[int]]) -> list[list[int]]:
     """The best hypothesis's ids for every source, in input order."""
-    other = exported.networks["backward" if args.direction == "forward" else "forward"]
     strategy = Strategy("greedy" if args.beam == 1 and args.rerank == "none" else "beam", beam=args.beam,
                         pool=args.n_best, length_penalty=args.length_penalty, max_len_a=args.max_len_a,
                         max_len_b=args.max_len_b, scored=False,
                         rerank=Reranker(args.rerank, args.mmi_alpha, args.mmi_gamma) if args.rerank != "none" else None)
-    found = decode_all(strategy, exported.networks[args.direction], other, sources, exported.vocab, args.batch_size)
+    found = decode_all(strategy, exported.networks[args.direction], exported.opposite(args.direction), sources,
+                       exported.vocab, args.batch_size)
     return [hyps[0].tokens for hyps in found]
 
 

@@ -40,6 +40,10 @@ class Exported:
     source: dict[str, Any]  # run directory, tag, MLflow run and store, data and evaluation settings
     model_config: ModelConfig  # what both networks are
 
+    def opposite(self, direction: str) -> Seq2Seq:
+        """The network of the other direction than ``direction`` (what reranks its outputs)."""
+        return self.networks["backward" if direction == "forward" else "forward"]
+
 
 def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None) -> Path:
     """Write the consolidated fp32 networks of checkpoint ``tag`` (default: the newest) to ``out``."""

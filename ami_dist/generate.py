@@ -15,6 +15,7 @@ the model was trained on (``data.max_src_len`` tokens) is truncated, with a warn
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -53,20 +54,26 @@ class Prompter:
     def dialog(self) -> bool:
         return self.data["format"] == "personachat"
 
+    def __post_init__(self) -> None:
+        # the persona lines as one tokenised turn, as training prepends them (when it did)
+        persona = [self.tokens(p) for p in self.persona] if self.data.get("include_persona") else []
+        self.persona_turn = " ".join(p for p in persona if p)
+
+    def tokens(self, text: str) -> str:
+        """A turn as training saw it: lower-cased if the run was, tokenised, space-joined."""
+        return " ".join(tokenize(text.lower() if self.data.get("lowercase") else text))
+
     def turns(self, text: str) -> list[str]:
         """A dialog line's turns, tokenised as in training (tabs and ``<sep>`` both separate turns)."""
-        if self.data.get("lowercase"):
-            text = text.lower()
         parts = [p for chunk in text.split("\t") for p in chunk.split(TURN_SEPARATOR)]
-        return [" ".join(tokenize(p)) for p in parts if p.strip()]
+        return [self.tokens(p) for p in parts if p.strip()]
 
     def context(self, turns: list[str]) -> str:
-        """The source text of a dialog history: its last turns (and the persona, if the model was trained with
+        """The source text of a dialog history: its last turns (after the persona, if the model was trained with
         one), ``<sep>``-joined as in training."""
         context = turns[-int(self.data["max_history_turns"]):]
-        if self.persona and self.data.get("include_persona"):
-            context = [" ".join(" ".join(tokenize(p.lower() if self.data.get("lowercase") else p))
-                                for p in self.persona), *context]
+        if self.persona_turn:
+            context = [self.persona_turn, *context]
         return f" {TURN_SEPARATOR} ".join(context)
 
     def source(self, text: str) -> str:
@@ -120,7 +127,7 @@ class Writer:
         for hyp in hyps[: self.n]:
             text = self.vocab.decode(hyp.tokens)
             if self.tabular:
-                score = "" if hyp.score != hyp.score else f"{hyp.score:.4f}"  # NaN: nothing was decoded
+                score = "" if math.isnan(hyp.score) else f"{hyp.score:.4f}"  # NaN: nothing was decoded
                 self.out.write(f"{line_number}\t{score}\t{text}\n")
             else:
                 self.out.write(text + "\n")
@@ -129,9 +136,9 @@ class Writer:
 
 def strategy_from(args: argparse.Namespace, exported: Exported) -> Strategy:
     reranker = Reranker(args.rerank, args.mmi_alpha, args.mmi_gamma) if args.rerank != "none" else None
-    evaluation = exported.source.get("eval", {})
-    limits = dict(max_len_a=evaluation.get("max_len_a", 1.5) if args.max_len_a is None else args.max_len_a,
-                  max_len_b=evaluation.get("max_len_b", 10) if args.max_len_b is None else args.max_len_b)
+    evaluation = exported.source["eval"]  # the run's eval.* settings, written by every export
+    limits = dict(max_len_a=evaluation["max_len_a"] if args.max_len_a is None else args.max_len_a,
+                  max_len_b=evaluation["max_len_b"] if args.max_len_b is None else args.max_len_b)
     if args.sample:
         return Strategy("sample", num_samples=args.num_samples, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, seed=args.seed, rerank=reranker, **limits)
@@ -146,7 +153,7 @@ def generate(args: argparse.Namespace) -> None:
     exported = load_exported(args.model)
     strategy = strategy_from(args, exported)
     model = exported.networks[args.direction]
-    other = exported.networks["backward" if args.direction == "forward" else "forward"]
+    other = exported.opposite(args.direction)
     prompter = Prompter(exported, args.direction, args.persona or [])
     if args.persona and not (prompter.dialog and prompter.data.get("include_persona")):
         warn("--persona is ignored: the model was not trained with personas (data.include_persona)")
@@ -174,6 +181,7 @@ def chat(prompter: Prompter, strategy: Strategy, model: Seq2Seq, other: Seq2Seq,
     dialog = prompter.dialog and prompter.direction == "forward"
     print(f"ami-generate: {'chatting' if dialog else 'translating'}; an empty line answers nothing, "
           f"{RESET + ' forgets the conversation, ' if dialog else ''}Ctrl-D ends", file=sys.stderr, flush=True)
+    vocab = prompter.exported.vocab
     number = 0
     while True:
         print("> ", end="", file=sys.stderr, flush=True)
@@ -196,7 +204,6 @@ def chat(prompter: Prompter, strategy: Strategy, model: Seq2Seq, other: Seq2Seq,
             source = prompter.context(history)
         else:  # a translation; or an empty line: an empty answer, and the conversation as it was
             source = prompter.source(line)
-        vocab = prompter.exported.vocab
         (hyps,) = decode_all(strategy, model, other, [prompter.ids(source, f"<stdin>:{number}")], vocab, 1,
                              first_index=number - 1)
         writer.write(number, hyps)

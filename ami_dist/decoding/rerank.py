@@ -63,13 +63,6 @@ def source_logq(backward: torch.nn.Module, outputs: Sequence[list[int]], sources
                           length_normalise=length_normalise, device=device)
 
 
-def backward_logq(backward: Seq2Seq, source: list[int], nbest: list[Hypothesis], *, pad_id: int, bos_id: int,
-                  eos_id: int, device: torch.device | str = "cpu") -> list[float]:
-    """log q(S | T) of the source under the backward network, for every hypothesis T of the n-best list."""
-    return source_logq(backward, [h.tokens for h in nbest], [source] * len(nbest), pad_id=pad_id, bos_id=bos_id,
-                       eos_id=eos_id, device=device)
-
-
 def rerank_all(reranker: Reranker, backward: Seq2Seq, sources: Sequence[list[int]], nbests: Sequence[list[Hypothesis]],
                *, pad_id: int, bos_id: int, eos_id: int, device: torch.device | str = "cpu") -> list[list[Hypothesis]]:
     """Every n-best list reranked, with log q(S | T) of all their hypotheses computed as one batch."""

@@ -9,7 +9,7 @@ import torch
 
 from ami_dist.decoding.beam import Hypothesis, beam_search, length_penalty
 from ami_dist.decoding.greedy import greedy_decode
-from ami_dist.decoding.rerank import Reranker, backward_logq
+from ami_dist.decoding.rerank import Reranker, source_logq
 from ami_dist.models import ModelConfig, build_model
 from ami_dist.models.seq2seq import Seq2Seq
 from ami_dist.training.losses import sentence_nll
@@ -96,13 +96,13 @@ def test_reranking_orders_by_the_formula() -> None:
         Reranker("bleu").rerank(nbest, logq)
 
 
-def test_backward_logq_scores_the_source_given_each_hypothesis() -> None:
+def test_source_logq_scores_the_source_given_each_hypothesis() -> None:
     torch.manual_seed(0)
     cfg = ModelConfig(emb_dim=8, hidden_size=8, enc_layers=1, dec_layers=1, dropout=0.0)
     backward = build_model(cfg, 12, PAD).eval()
     source = [7, 8, 9]
     nbest = [Hypothesis([10, 11], 0.0, 0.0), Hypothesis([], 0.0, 0.0)]
-    got = backward_logq(backward, source, nbest, pad_id=PAD, bos_id=BOS, eos_id=EOS)
+    got = source_logq(backward, [h.tokens for h in nbest], [source] * 2, pad_id=PAD, bos_id=BOS, eos_id=EOS)
     with torch.no_grad():
         logits = backward(torch.tensor([[10, 11]]), torch.tensor([2]), torch.tensor([[BOS, 7, 8, 9]]))
         expected = -sentence_nll(logits, torch.tensor([[7, 8, 9, EOS]]), PAD)

@@ -12,7 +12,7 @@ import torch
 from ami_dist.data.vocab import WordVocab
 from ami_dist.decoding.beam import beam_search, length_penalty
 from ami_dist.decoding.greedy import greedy_decode
-from ami_dist.decoding.rerank import Reranker, backward_logq, target_logprob
+from ami_dist.decoding.rerank import Reranker, source_logq, target_logprob
 from ami_dist.decoding.sampling import filter_logits, sample
 from ami_dist.decoding.strategy import Strategy, decode_all, decode_batch
 from ami_dist.models import ModelConfig, build_model
@@ -144,7 +144,8 @@ def test_batched_reranking_equals_reranking_each_list_alone_and_greedy_is_scored
     plain = decode_all(Strategy("beam", beam=3, pool=3, max_len_a=0.0, max_len_b=8), model, None, sources, vocab,
                        batch_size=4)
     for source, hyps, nbest in zip(sources, found, plain, strict=True):
-        logq = backward_logq(backward, source, nbest, pad_id=PAD, bos_id=BOS, eos_id=EOS)
+        logq = source_logq(backward, [h.tokens for h in nbest], [source] * len(nbest), pad_id=PAD, bos_id=BOS,
+                           eos_id=EOS)
         alone = reranker.rerank(nbest, logq)
         assert [h.tokens for h in hyps] == [h.tokens for h in alone]
         assert [h.score for h in hyps] == pytest.approx([h.score for h in alone], abs=1e-5)
