@@ -1,11 +1,12 @@
 """Consolidate a run's checkpoint into one fp32 file for inference, and load such a file safely.
 
-``python -m ami_dist.export RUN_DIR [--tag step900] [--out model.pt]`` gathers the forward and backward
-networks from their DeepSpeed (ZeRO 1/2/3) shards into whole fp32 tensors and writes them with the model
-config, the vocabulary and where they came from. The file holds only tensors, numbers, strings and
-bytes, so ``torch.load(path, weights_only=True)`` reads it and a malicious file cannot run code. The
-checkpoint shards are read with ``weights_only=True`` too, the consolidated weights are checked against
-the run's model config before anything is written, and the output file is replaced atomically: a bad
+``python -m ami_dist.export RUN_DIR [--tag step900 | --average N|best:N|TAGS] [--out model.pt]`` gathers the
+forward and backward networks from their DeepSpeed (ZeRO 1/2/3) shards into whole fp32 tensors (with
+``--average``, the element-wise mean over several checkpoints, as NMT recipes report their final scores) and
+writes them with the model config, the vocabulary and where they came from. The file holds only tensors,
+numbers, strings and bytes, so ``torch.load(path, weights_only=True)`` reads it and a malicious file cannot
+run code. The checkpoint shards are read with ``weights_only=True`` too, the consolidated weights are checked
+against the run's model config before anything is written, and the output file is replaced atomically: a bad
 checkpoint is one ``ami-dist: error:`` line (exit code 2) and leaves an earlier export untouched.
 """
 
@@ -45,34 +46,75 @@ class Exported:
         return self.networks["backward" if direction == "forward" else "forward"]
 
 
-def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None) -> Path:
-    """Write the consolidated fp32 networks of checkpoint ``tag`` (default: the newest) to ``out``."""
+def average_tags(run_dir: Path, spec: str) -> list[str]:
+    """The checkpoints ``--average SPEC`` names: ``N`` the newest N complete ones, ``best:N`` the N best by the
+    run's ``eval.select`` (``checkpoints/best.json``, kept by ``train.keep_best``), or tags ``step8,step16``."""
+    from ami_dist.training.checkpoint import completed_tags
+    from ami_dist.training.selection import read_best
+
+    files = RunDir(run_dir)
+    spec = spec.strip()
+    count_text = spec.removeprefix("best:")
+    if count_text.isdigit():
+        count = int(count_text)
+        if count < 1:
+            raise UserError(f"--average {spec}: expected at least 1 checkpoint")
+        if spec.startswith("best:"):
+            best = read_best(files.checkpoints)
+            if best is None:
+                raise UserError(f"--average {spec}: {files.checkpoints / 'best.json'} not found (the run kept no best "
+                                "checkpoints: train it with train.keep_best=N and train.valid_every)")
+            tags = [entry["tag"] for entry in best["best"]]
+            what = f"best checkpoints by {best['metric']}"
+        else:
+            tags = completed_tags(run_dir)[::-1]
+            what = "complete checkpoints"
+        if len(tags) < count:
+            raise UserError(f"--average {spec}: {run_dir} has {len(tags)} {what} ({', '.join(tags) or 'none'}), "
+                            f"fewer than {count}")
+        return sorted(tags[:count], key=lambda t: int(t.removeprefix("step")))
+    tags = [t.strip() for t in spec.split(",") if t.strip()]
+    if not tags or len(set(tags)) != len(tags):
+        raise UserError(f"--average {spec}: expected N, best:N or distinct checkpoint tags such as step8,step16")
+    return tags
+
+
+def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None, average: str | None = None) -> Path:
+    """Write the consolidated fp32 networks of checkpoint ``tag`` (default: the newest) to ``out``; with
+    ``average`` (see ``average_tags``), the mean of the named checkpoints' weights instead."""
     from ami_dist.tracking import absolute_uri, resolve_uri
     from ami_dist.training.checkpoint import latest_tag
 
     run_dir = Path(run_dir)
+    if tag is not None and average is not None:
+        raise UserError("--tag and --average exclude each other (--average step8,step16 names the tags)")
     files = RunDir(run_dir)
     if not files.holds_run():
         raise UserError(f"{run_dir}: not a run directory (no config.yaml in it)")
     cfg: Config = load_config(files.config, check_files=False)  # only the run directory is needed
-    tag = tag or latest_tag(run_dir)
+    tags = average_tags(run_dir, average) if average is not None else [tag or latest_tag(run_dir)]
     vocab_file = files.vocab(cfg.vocab.kind)
     if not vocab_file.is_file():
         raise UserError(f"{vocab_file}: vocabulary file missing from the run directory")
     vocab = vocab_from_bytes(cfg.vocab.kind, vocab_file.read_bytes())
     networks = {}
+    expected = build_model(cfg.model, len(vocab), vocab.pad_id)
     for name in NETWORKS:
         checkpoint = files.checkpoints / name
-        if not (checkpoint / tag).is_dir():
-            raise UserError(f"{checkpoint / tag}: checkpoint not found")
-        state = consolidate(checkpoint, tag)
-        networks[name] = {key: value.detach().float().contiguous().clone() for key, value in state.items()}
-        _check_fits(networks[name], build_model(cfg.model, len(vocab), vocab.pad_id), checkpoint / tag,
-                    files.config)
+        total: dict[str, torch.Tensor] = {}
+        for one in tags:
+            if not (checkpoint / one).is_dir():
+                raise UserError(f"{checkpoint / one}: checkpoint not found")
+            state = consolidate(checkpoint, one)
+            _check_fits(state, expected, checkpoint / one, files.config)
+            for key, value in state.items():  # summed in float64: the mean of N fp32 tensors, rounded once
+                total[key] = total[key] + value.double() if key in total else value.detach().double().clone()
+        networks[name] = {key: (value / len(tags)).float().contiguous() for key, value in total.items()}
     uri_file = files.mlflow_tracking_uri
     source = {
         "run_dir": str(run_dir.resolve()),
-        "tag": tag,
+        "tag": tags[-1],
+        "averaged_tags": tags if len(tags) > 1 else [],
         "mlflow_run_id": files.run_id() or "",
         "tracking_uri": uri_file.read_text().strip() if uri_file.is_file() else absolute_uri(
             resolve_uri(cfg.tracking.uri)),
@@ -169,10 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="python -m ami_dist.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a training run directory (runs/<name>-<time>)")
     parser.add_argument("--tag", help="checkpoint tag, e.g. step900 (default: the newest)")
+    parser.add_argument("--average", metavar="N|best:N|TAGS",
+                        help="write the mean of several checkpoints' weights: the newest N, the N best by validation "
+                        "(a run trained with train.keep_best), or the comma-separated tags, e.g. step800,step900")
     parser.add_argument("--out", help="output file (default: RUN_DIR/model.pt)")
     args = parser.parse_args(argv)  # a mistake here is one line too (Parser raises UserError)
-    out = export_run(args.run_dir, args.out or Path(args.run_dir) / "model.pt", args.tag)
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): forward and backward networks, fp32")
+    out = export_run(args.run_dir, args.out or Path(args.run_dir) / "model.pt", args.tag, args.average)
+    averaged = average_tags(Path(args.run_dir), args.average) if args.average else []
+    what = f"fp32, the mean of {', '.join(averaged)}" if len(averaged) > 1 else "fp32"
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): forward and backward networks, {what}")
     return 0
 
 

@@ -408,6 +408,18 @@ def _export_missing_tag(case: Path, marker: Path) -> list[str]:
     return [*_export(case), "--tag", "step3"]
 
 
+def _export_average_more_than_kept(case: Path, marker: Path) -> list[str]:
+    return [*_export(case), "--average", "3"]
+
+
+def _export_average_best_never_kept(case: Path, marker: Path) -> list[str]:
+    return [*_export(case), "--average", "best:2"]
+
+
+def _export_average_and_tag(case: Path, marker: Path) -> list[str]:
+    return [*_export(case), "--average", "2", "--tag", "step2"]
+
+
 def _evaluate_truncated_model(case: Path, marker: Path) -> list[str]:
     _cut(case / "model.pt")
     return _evaluate(case, case / "model.pt")
@@ -436,6 +448,12 @@ CHECKPOINT_CASES: list[tuple[str, CheckpointSetup, str]] = [
     ("export: another model shape", _export_another_model_shape,
      r"checkpoints/forward/step4: encoder\.\S+ has shape \(\d+, 16\) but the model .*config\.yaml describes"),
     ("export: missing tag", _export_missing_tag, r"checkpoints/forward/step3: checkpoint not found"),
+    ("export: average more than kept", _export_average_more_than_kept,
+     r"--average 3: run has 2 complete checkpoints \(step4, step2\), fewer than 3"),
+    ("export: average best never kept", _export_average_best_never_kept,
+     r"--average best:2: \S*run/checkpoints/best\.json not found \(the run kept no best checkpoints: train it with "
+     r"train\.keep_best=N"),
+    ("export: average and tag", _export_average_and_tag, r"--tag and --average exclude each other"),
     ("evaluate: truncated model file", _evaluate_truncated_model,
      r"model\.pt: not a loadable ami-dist model file"),
     ("evaluate: untrusted pickle", _evaluate_untrusted_pickle,

@@ -148,6 +148,13 @@ class TrainConfig:
         "checkpoint) after this many such steps in a row", gt=0,
     )
     keep_checkpoints: int = spec(3, "keep the newest N complete checkpoints, delete older ones (0 = keep all)", ge=0)
+    keep_best: int = spec(
+        0, "also keep the N checkpoints with the best validation eval.select (a validation that enters them is "
+        "checkpointed); listed in checkpoints/best.json and as MLflow tags (0 = off)", ge=0,
+    )
+    early_stopping: int = spec(
+        0, "stop, with a checkpoint, after N validations in a row without a new best eval.select (0 = off)", ge=0,
+    )
     bucket_batches: int = spec(100, "length bucketing: sort pools of this many steps' examples by length", gt=0)
     threads_per_rank: int = spec(0, "intra-op threads per rank (0 = CPU cores / local ranks)", ge=0)
     eval_before_training: bool = spec(False, "also evaluate at step 0 (a baseline for the learning curve)")
@@ -166,6 +173,10 @@ class EvalConfig:
         "13a", "sacreBLEU tokenizer"
     )
     samples: int = spec(5, "validation examples printed and logged with their hypotheses", ge=0)
+    select: Literal["bleu", "ppl", "mi_logq_fixed"] = spec(
+        "bleu", "the validation metric train.keep_best and train.early_stopping rank by: the forward network's "
+        "BLEU (higher is better), its perplexity (lower), or log q(S|T̂) under the fixed critic (higher)",
+    )
     fixed_critic: str | None = spec(
         None, "a backward network's checkpoint directory (checkpoints/backward of an MLE run): it scores the forward "
         "outputs, frozen, as valid/mi_logq_fixed; null: with ami.enabled, the backward network as the AMI stages "
@@ -342,6 +353,12 @@ class Config:
     def validate(self, fail: Fail) -> None:
         if not self.ami.enabled and self.train.mle_steps == 0:
             raise fail("train.mle_steps", "must be > 0 for an MLE-only run (ami.enabled is false)")
+        for key in ("keep_best", "early_stopping"):
+            if getattr(self.train, key) and not self.train.valid_every:
+                raise fail(f"train.{key}", "needs validations to rank by: set train.valid_every > 0")
+        if self.eval.select == "mi_logq_fixed" and not self.ami.enabled and self.eval.fixed_critic is None:
+            raise fail("eval.select", "mi_logq_fixed needs a fixed critic: ami.enabled (the backward network as "
+                       "the AMI stages begin) or eval.fixed_critic")
         widest = max(self.data.max_src_len, self.data.max_tgt_len + 1)
         if 0 < self.train.batch_tokens < widest:
             raise fail("train.batch_tokens", f"{self.train.batch_tokens} is smaller than the widest training pair "

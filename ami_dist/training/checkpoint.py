@@ -1,4 +1,5 @@
-"""Crash-safe checkpoints: complete or absent, never partial; the newest ``train.keep_checkpoints`` kept.
+"""Crash-safe checkpoints: complete or absent, never partial; the newest ``train.keep_checkpoints`` kept, and the
+``train.keep_best`` best by validation (``checkpoints/best.json``).
 
 Layout under ``<run_dir>/checkpoints/``: ``forward/``, ``backward/`` and (AMI runs) ``noise/`` hold
 DeepSpeed checkpoints tagged ``step<N>``; ``ranks/step<N>/rank<r>.pt`` holds what differs per rank (the
@@ -13,6 +14,7 @@ filesystem every rank sees (as on a cluster's shared storage).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -26,6 +28,7 @@ from ami_dist.distributed.safe_load import safe_torch_load
 from ami_dist.errors import UserError
 from ami_dist.run_dir import RunDir
 from ami_dist.training.context import Run
+from ami_dist.training.selection import BEST_FILE
 
 PARTIAL = ".partial"
 
@@ -80,6 +83,7 @@ def save_checkpoint(run: Run) -> str:
         "step": run.step,
         "sampler": run.sampler.state_dict(),
         "schema_version": SCHEMA_VERSION,
+        "selection": run.selection.state_dict(),
     }
     if run.step < run.schedule.total_steps:
         position = run.schedule.position(run.step)
@@ -117,11 +121,17 @@ def _commit(run: Run, tag: str) -> None:
         if final.parent.name != "ranks":  # DeepSpeed's own pointer, for its tools (zero_to_fp32.py)
             _write_atomically(final.parent / "latest", tag)
     _write_atomically(root / "latest", tag)  # the commit point
+    selection = run.selection
+    if selection.keep:
+        _write_atomically(root / BEST_FILE, json.dumps(selection.summary(), indent=1) + "\n")
+        run.tracker.set_tags(selection.tags())
     keep = run.cfg.train.keep_checkpoints
     if keep:
+        best = set(selection.kept_tags())
         for old in completed_tags(run.run_dir)[:-keep]:
-            for directory in _tag_dirs(run, old):
-                shutil.rmtree(directory, ignore_errors=True)
+            if old not in best:
+                for directory in _tag_dirs(run, old):
+                    shutil.rmtree(directory, ignore_errors=True)
 
 
 def completed_tags(run_dir: Path) -> list[str]:
@@ -170,6 +180,7 @@ def resume(run: Run, tag: str) -> None:
         raise UserError(f"{run.run_dir}: checkpoint {tag} has schema version {client.get('schema_version')}, "
                         f"this ami-dist reads {SCHEMA_VERSION}")
     run.step = int(client["step"])
+    run.selection.load_state_dict(client.get("selection"))
     try:
         run.sampler.load_state_dict(client["sampler"])
     except ValueError as e:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from ami_dist.distributed.comm import Comm
 from ami_dist.tracking import Tracker
 from ami_dist.training.guard import StepGuard
 from ami_dist.training.schedule import Schedule, Stage
+from ami_dist.training.selection import Selection
 from ami_dist.training.synthetic import NoiseStream
 
 
@@ -50,6 +51,10 @@ class Run:
     stage: Stage | None = None  # the stage whose optimizer settings are in force (set by the loop)
     critic: Any = None  # the fixed critic (a frozen backward network), once there is one
     bleu_signature: str = ""
+    selection: Selection = field(init=False)  # the best checkpoints by eval.select and the early-stopping count
+
+    def __post_init__(self) -> None:
+        self.selection = Selection(self.cfg.eval.select, self.cfg.train.keep_best, self.cfg.train.early_stopping)
 
     def network(self, name: str) -> Network:
         return next(n for n in self.networks if n.name == name)

@@ -66,10 +66,31 @@ def _engines(run: Run) -> dict[str, object]:
     return engines
 
 
-def train(run: Run, preemption: Preemption | None = None) -> dict[str, float] | None:
-    """Run the schedule from ``run.step`` to its end (or ``train.stop_after_steps``, or ``preemption``).
+def record_validation(run: Run, metrics: dict[str, float]) -> bool:
+    """Rank the validation just made (collective: rank 0 has the metrics). Returns whether its step's checkpoint is
+    one of the ``train.keep_best`` best and so must be saved now."""
+    selection = run.selection
+    if not (selection.keep or selection.patience):
+        return False
+    value = run.comm.broadcast(metrics.get(selection.metric) if run.comm.is_main else None)
+    return selection.record(run.step, value)
 
-    Returns the final validation metrics (on rank 0), or None when stopped early with a checkpoint.
+
+def _stop_early(run: Run) -> None:
+    tag = save_checkpoint(run)
+    reason = run.selection.stop_reason()
+    if run.comm.is_main:
+        print(f"ami-dist: early stopping after step {run.step} of {run.schedule.total_steps}: {reason}; "
+                       f"checkpoint {tag}", flush=True)
+    run.tracker.set_tags({"early_stopped_at_step": str(run.step), "early_stopping_reason": reason})
+
+
+def train(run: Run, preemption: Preemption | None = None) -> dict[str, float] | None:
+    """Run the schedule from ``run.step`` to its end (or ``train.stop_after_steps``, or ``preemption``, or
+    ``train.early_stopping``).
+
+    Returns the final validation metrics (on rank 0), or None when stopped before the end with a checkpoint
+    to continue from. A run that stopped early returns its last validation's metrics.
     """
     tc, comm = run.cfg.train, run.comm
     total = run.schedule.total_steps
@@ -79,8 +100,14 @@ def train(run: Run, preemption: Preemption | None = None) -> dict[str, float] | 
     tgt_lengths = run.network("forward").train.tgt_ids
     if run.step < total:  # before a baseline evaluation, which then has the fixed critic of an AMI run
         enter_stage(run, run.schedule.position(run.step).stage)
+    if run.selection.exhausted and run.step < total:  # a resumed run that had stopped early stays stopped
+        metrics = evaluate(run)
+        if comm.is_main:
+            print(f"ami-dist: stopped early at step {run.step}: {run.selection.stop_reason()}; raise "
+                  "train.early_stopping (or set it to 0) to train on", flush=True)
+        return metrics
     if tc.eval_before_training and run.step == 0:
-        evaluate(run)
+        record_validation(run, evaluate(run))
     tokens = 0
     started = time.perf_counter()
     progress = progress_bar(comm.is_main, total=total, initial=run.step, desc="train", unit="step",
@@ -118,9 +145,15 @@ def train(run: Run, preemption: Preemption | None = None) -> dict[str, float] | 
         if preemption is not None and run.step < end and preemption.should_stop(comm):
             break  # every rank agreed on this same step; the checkpoint below is the one to requeue from
         paused = time.perf_counter()
+        keep = False
         if tc.valid_every and run.step % tc.valid_every == 0 and run.step < end:
-            evaluate(run)
-        if tc.save_every and run.step % tc.save_every == 0 and run.step < end:
+            metrics = evaluate(run)
+            keep = record_validation(run, metrics)
+            if run.selection.exhausted:
+                progress.close()
+                _stop_early(run)
+                return metrics
+        if (keep or (tc.save_every and run.step % tc.save_every == 0)) and run.step < end:
             save_checkpoint(run)
         started += time.perf_counter() - paused  # evaluation and saving are not training throughput
     progress.close()
@@ -128,5 +161,6 @@ def train(run: Run, preemption: Preemption | None = None) -> dict[str, float] | 
         save_checkpoint(run)
         return None
     metrics = evaluate(run)
+    record_validation(run, metrics)
     save_checkpoint(run)
     return metrics

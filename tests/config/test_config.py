@@ -62,6 +62,10 @@ def test_unknown_key_names_file_line_and_key(tiny: dict, tmp_path: Path) -> None
         ("model", "dec_layers", 3, "model.dec_layers: must equal enc_layers (1)"),
         ("data", "train_src", "/nonexistent/train.en", "data.train_src: file not found: /nonexistent/train.en"),
         ("vocab", "model", "/nonexistent/spm.model", "vocab.model: file not found"),
+        ("train", "keep_best", 2, "train.keep_best: needs validations to rank by: set train.valid_every > 0"),
+        ("train", "early_stopping", 3, "train.early_stopping: needs validations to rank by"),
+        ("eval", "select", "mi_logq_fixed", "eval.select: mi_logq_fixed needs a fixed critic: ami.enabled"),
+        ("eval", "select", "rouge", "eval.select: expected one of 'bleu', 'ppl', 'mi_logq_fixed'"),
     ],
 )
 def test_bad_values_name_the_key(tiny: dict, tmp_path: Path, section: str, key: str, value: object,

@@ -2,7 +2,7 @@
 Transformer under ZeRO-3).
 
 The loss must fall, and after training the whole parameters (gathered from the shards for stage 3)
-must be identical on both ranks.
+must be identical on both ranks; the export is exactly them, and ``--average`` the mean of the checkpoints'.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ami_dist.export import load_exported
+from ami_dist.export import consolidate, load_exported
 from tests.conftest import PYTHON, ROOT, subprocess_env, tiny_config, write_config
 
 pytestmark = pytest.mark.distributed
@@ -26,7 +26,7 @@ TRANSFORMER = {"family": "transformer", "emb_dim": 32, "hidden_size": 32, "heads
 @pytest.mark.parametrize(("stage", "family"), [(1, "lstm"), (2, "lstm"), (3, "lstm"), (3, "transformer")])
 def test_zero_stage_trains_and_ranks_agree(stage: int, family: str, tmp_path: Path) -> None:
     model = {"emb_dim": 32, "hidden_size": 32} if family == "lstm" else TRANSFORMER
-    cfg = tiny_config(tmp_path, train={"batch_size": 32, "mle_steps": 24, "log_every": 4}, model=model,
+    cfg = tiny_config(tmp_path, train={"batch_size": 32, "mle_steps": 24, "log_every": 4, "save_every": 8}, model=model,
                       optim={"name": "adam", "lr": 0.005}, tracking={"enabled": False})
     config = write_config(tmp_path, cfg)
     proc = subprocess.run(
@@ -62,3 +62,17 @@ def test_zero_stage_trains_and_ranks_agree(stage: int, family: str, tmp_path: Pa
     for net in ("forward", "backward"):
         for name, value in exported.networks[net].named_parameters():
             assert torch.equal(value, rank0[net][name]), f"exported {net}.{name} differs from the trained one"
+    # checkpoint averaging: the mean of the checkpoints' consolidated weights, from this stage's shards
+    for spec, tags in (("3", ["step8", "step16", "step24"]), ("step8,step24", ["step8", "step24"])):
+        out = tmp_path / f"avg{len(tags)}.pt"
+        averaged = subprocess.run([PYTHON, "-m", "ami_dist.export", str(run_dir), "--average", spec, "--out", str(out)],
+                                  cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        assert averaged.returncode == 0, averaged.stderr[-3000:]
+        exported = load_exported(out)
+        assert exported.source["averaged_tags"] == tags
+        for net in ("forward", "backward"):
+            states = [consolidate(run_dir / "checkpoints" / net, tag) for tag in tags]
+            for name, value in exported.networks[net].state_dict().items():
+                mean = sum(state[name].double() for state in states) / len(states)
+                assert torch.allclose(value.double(), mean, rtol=0, atol=1e-7), f"averaged {net}.{name}"
+            assert not torch.equal(states[0]["generator.weight"], states[-1]["generator.weight"])
