@@ -215,12 +215,35 @@ def main(argv: list[str] | None = None) -> int:
                         help="write the mean of several checkpoints' weights: the newest N, the N best by validation "
                         "(a run trained with train.keep_best), or the comma-separated tags, e.g. step800,step900")
     parser.add_argument("--out", help="output file (default: RUN_DIR/model.pt)")
+    parser.add_argument("--register", metavar="NAME",
+                        help="also register the MLflow model in the store's model registry under NAME")
+    parser.add_argument("--no_mlflow", action="store_true",
+                        help="write the file only (by default it is also logged as the MLflow model of the run's "
+                        "MLflow run: runs:/<run id>/model, for mlflow.pyfunc and mlflow models serve)")
     args = parser.parse_args(argv)  # a mistake here is one line too (Parser raises UserError)
+    if args.register and args.no_mlflow:
+        parser.error("--register needs MLflow (drop --no_mlflow)")
     out = export_run(args.run_dir, args.out or Path(args.run_dir) / "model.pt", args.tag, args.average)
     averaged = average_tags(Path(args.run_dir), args.average) if args.average else []
     what = f"fp32, the mean of {', '.join(averaged)}" if len(averaged) > 1 else "fp32"
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): forward and backward networks, {what}")
+    if not args.no_mlflow:
+        _log_to_mlflow(out, Path(args.run_dir), args.register)
     return 0
+
+
+def _log_to_mlflow(out: Path, run_dir: Path, register: str | None) -> None:
+    """The file as the MLflow model of the run; a run trained without tracking has none (unless one asked)."""
+    from ami_dist.mlflow_model import log_model
+
+    if not RunDir(run_dir).run_id():
+        if register:
+            raise UserError(f"--register {register}: {run_dir} trained with tracking off, so it has no MLflow run "
+                            "to log the model to")
+        return
+    uri = log_model(out, run_dir, register)
+    registered = f"; registered as {register}" if register else ""
+    print(f"logged the MLflow model {uri}{registered} (serve it: mlflow models serve -m {uri} --env-manager local)")
 
 
 if __name__ == "__main__":

@@ -149,17 +149,39 @@ def strategy_from(args: argparse.Namespace, exported: Exported) -> Strategy:
     return Strategy("beam", beam=args.beam, pool=pool, length_penalty=args.length_penalty, rerank=reranker, **limits)
 
 
-def generate(args: argparse.Namespace) -> None:
-    exported = load_exported(args.model)
-    strategy = strategy_from(args, exported)
-    model = exported.networks[args.direction]
-    other = exported.opposite(args.direction)
+@dataclass
+class Job:
+    """What decoding an input needs: the model and its opposite, the strategy, how inputs become sources."""
+
+    args: argparse.Namespace
+    exported: Exported
+    strategy: Strategy
+    model: Seq2Seq
+    other: Seq2Seq
+    prompter: Prompter
+
+
+def setup(args: argparse.Namespace, exported: Exported) -> Job:
     prompter = Prompter(exported, args.direction, args.persona or [])
     if args.persona and not (prompter.dialog and prompter.data.get("include_persona")):
         warn("--persona is ignored: the model was not trained with personas (data.include_persona)")
-    writer = Writer(sys.stdout, exported, args.n_best, args.tabular)
+    return Job(args, exported, strategy_from(args, exported), exported.networks[args.direction],
+               exported.opposite(args.direction), prompter)
+
+
+def decode_lines(job: Job, lines: list[str], name: str, first_index: int) -> list[list[Hypothesis]]:
+    """The hypotheses of input lines ``first_index + 1 ...`` of ``name`` (what fixes each line's samples)."""
+    prompter = job.prompter
+    sources = [prompter.ids(prompter.source(line), f"{name}:{first_index + i + 1}") for i, line in enumerate(lines)]
+    return decode_all(job.strategy, job.model, job.other, sources, job.exported.vocab, job.args.batch_size,
+                      first_index=first_index)
+
+
+def generate(args: argparse.Namespace) -> None:
+    job = setup(args, load_exported(args.model))
+    writer = Writer(sys.stdout, job.exported, args.n_best, args.tabular)
     if args.interactive:
-        chat(prompter, strategy, model, other, writer)
+        chat(job.prompter, job.strategy, job.model, job.other, writer)
         return
     name = "<stdin>" if args.input == "-" else args.input
     stream = sys.stdin.buffer if args.input == "-" else open_text_file(args.input)
@@ -167,9 +189,7 @@ def generate(args: argparse.Namespace) -> None:
     number = 0
     with stream:
         for chunk in chunks(read_input(stream, name), batch_size):
-            sources = [prompter.ids(prompter.source(line), f"{name}:{number + i + 1}") for i, line in enumerate(chunk)]
-            found = decode_all(strategy, model, other, sources, exported.vocab, batch_size, first_index=number)
-            for hyps in found:
+            for hyps in decode_lines(job, chunk, name, number):
                 number += 1
                 writer.write(number, hyps)
 
