@@ -38,14 +38,14 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lengths: torch.Tensor, *,
     """The ``n_best`` highest-scoring hypotheses of every source sentence, best first.
 
     A sentence's search ends when it holds ``beam_size`` finished hypotheses or reaches its maximum
-    length ``max_len_a · |S| + max_len_b`` (unfinished hypotheses are then finished as they stand).
+    length ``max_len_a · |S| + max_len_b`` (unfinished hypotheses are then finished as they stand). A sentence
+    whose search has ended leaves the decoder batch, so the others step on without it.
     """
     if beam_size < 1 or not 1 <= n_best <= beam_size:
         raise ValueError(f"need beam_size >= 1 and 1 <= n_best <= beam_size, got {beam_size} and {n_best}")
     batch, device = src.size(0), src.device
     enc = model.encode(src, src_lengths)
-    rows = torch.arange(batch, device=device).repeat_interleave(beam_size)
-    enc = enc.select(rows)
+    enc = enc.select(torch.arange(batch, device=device).repeat_interleave(beam_size))
     max_len = (max_len_a * src_lengths.float() + max_len_b).long().tolist()
     # Only the first hypothesis of each sentence is alive at the start (the others would be duplicates).
     scores = torch.full((batch, beam_size), float("-inf"), device=device)
@@ -53,53 +53,56 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lengths: torch.Tensor, *,
     history = torch.full((batch * beam_size, 0), pad_id, dtype=torch.long, device=device)
     last = torch.full((batch * beam_size, 1), bos_id, dtype=torch.long, device=device)
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
-    done = [False] * batch
+    active = list(range(batch))  # the sentences still searched, in the order of the decoder batch's rows
     state = None
     step = 0
-    while not all_done(all(done)):
+    while not all_done(not active):
         out, state = model.decode(last, enc, state)
         logp = torch.log_softmax(model.generator(out[:, -1]).float(), dim=-1)
         logp[:, pad_id] = float("-inf")
         logp[:, bos_id] = float("-inf")
-        vocab = logp.size(-1)
-        candidates = (scores.unsqueeze(-1) + logp.view(batch, beam_size, vocab)).view(batch, -1)
+        rows, vocab = scores.size(0), logp.size(-1)
+        candidates = (scores.unsqueeze(-1) + logp.view(rows, beam_size, vocab)).view(rows, -1)
         top_scores, top_index = candidates.topk(2 * beam_size, dim=1)
         top_tokens, top_origin = top_index % vocab, top_index // vocab
         step += 1
-        for b in range(batch):
-            if done[b]:
-                continue
-            # Only an EOS among the best beam_size candidates finishes a hypothesis (as in fairseq), so a
-            # beam of 1 is exactly greedy decoding.
-            for j in range(beam_size):
-                if top_tokens[b, j] != eos_id or top_scores[b, j] == float("-inf"):
-                    continue
-                origin = b * beam_size + int(top_origin[b, j])
-                tokens = history[origin].tolist()
-                logprob = float(top_scores[b, j])
-                finished[b].append(Hypothesis(tokens, logprob, logprob / length_penalty(len(tokens) + 1, alpha)))
         # The best beam_size continuations that are not EOS stay alive (at most beam_size of the
         # 2·beam_size candidates end in EOS, one per hypothesis, so enough remain).
         alive_scores = top_scores.masked_fill(top_tokens == eos_id, float("-inf"))
         scores, pick = alive_scores.topk(beam_size, dim=1)
-        origin = (top_origin.gather(1, pick) + torch.arange(batch, device=device).unsqueeze(1) * beam_size).view(-1)
+        origin = (top_origin.gather(1, pick) + torch.arange(rows, device=device).unsqueeze(1) * beam_size).view(-1)
         tokens = top_tokens.gather(1, pick).view(-1, 1)
+        old_history = history
         history = torch.cat([history.index_select(0, origin), tokens], dim=1)
+        if not active:  # nothing left here: stepping only for other ranks
+            scores = torch.full_like(scores, float("-inf"))
+            last = tokens
+            state = state.select(origin)
+            continue
+        # One transfer of the step's candidates, then plain Python: only an EOS among the best beam_size
+        # candidates finishes a hypothesis (as in fairseq), so a beam of 1 is exactly greedy decoding.
+        eos_at = (top_tokens[:, :beam_size] == eos_id) & (top_scores[:, :beam_size] > float("-inf"))
+        keep = []
+        for row, (b, ends) in enumerate(zip(active, eos_at.tolist(), strict=True)):
+            for j in (j for j, end in enumerate(ends) if end):
+                tokens_j = old_history[row * beam_size + int(top_origin[row, j])].tolist()
+                logprob = float(top_scores[row, j])
+                finished[b].append(Hypothesis(tokens_j, logprob, logprob / length_penalty(len(tokens_j) + 1, alpha)))
+            if step >= max_len[b]:  # out of length: what is alive is finished as it stands
+                alive = scores[row].tolist()
+                for j in (j for j, score in enumerate(alive) if score > float("-inf")):
+                    tokens_j = history[row * beam_size + j].tolist()
+                    finished[b].append(Hypothesis(tokens_j, alive[j], alive[j] / length_penalty(len(tokens_j), alpha)))
+            elif len(finished[b]) < beam_size:
+                keep.append(row)
         state = state.select(origin)
         last = tokens
-        for b in range(batch):
-            if done[b]:
-                continue
-            if step >= max_len[b]:  # out of length: what is alive is finished as it stands
-                for j in range(beam_size):
-                    if scores[b, j] > float("-inf"):
-                        tokens_b = history[b * beam_size + j].tolist()
-                        logprob = float(scores[b, j])
-                        finished[b].append(Hypothesis(tokens_b, logprob,
-                                                      logprob / length_penalty(len(tokens_b), alpha)))
-                done[b] = True
-            elif len(finished[b]) >= beam_size:
-                done[b] = True
-        if all(done):
-            scores = torch.full_like(scores, float("-inf"))  # keep stepping only for other ranks
+        if len(keep) < rows and keep:  # finished sentences leave the batch
+            kept = torch.tensor(keep, device=device)
+            beam_rows = (kept.unsqueeze(1) * beam_size + torch.arange(beam_size, device=device)).view(-1)
+            scores, history, last = scores[kept], history[beam_rows], last[beam_rows]
+            state, enc = state.select(beam_rows), enc.select(beam_rows)
+        elif not keep:  # all done here; other ranks may still step (all_done), on the rows as they are
+            scores = torch.full_like(scores, float("-inf"))
+        active = [active[row] for row in keep]
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[:n_best] for hyps in finished]

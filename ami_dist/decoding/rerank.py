@@ -15,7 +15,7 @@ import torch
 from ami_dist.data.batching import make_batch
 from ami_dist.decoding.beam import Hypothesis
 from ami_dist.models.seq2seq import Seq2Seq
-from ami_dist.training.losses import sentence_nll
+from ami_dist.training.losses import positions_nll
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,10 @@ def target_logprob(network: torch.nn.Module, inputs: Sequence[list[int]], target
     if not inputs:
         return []
     batch = make_batch([s or [eos_id] for s in inputs], list(targets), pad_id, bos_id, eos_id).to(device)
-    logits = network(batch.src, batch.src_lengths, batch.tgt_in)
-    return (-sentence_nll(logits, batch.tgt_out, pad_id, length_normalise=length_normalise)).tolist()
+    scored = batch.tgt_out != pad_id  # only these positions go through the generator: none of the padding
+    logits = network(batch.src, batch.src_lengths, batch.tgt_in, positions=scored)
+    nll = positions_nll(logits, batch.tgt_out[scored], scored, pad_id, length_normalise=length_normalise)
+    return (-nll).tolist()
 
 
 def source_logq(backward: torch.nn.Module, outputs: Sequence[list[int]], sources: Sequence[list[int]], *, pad_id: int,

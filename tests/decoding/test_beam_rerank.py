@@ -82,6 +82,31 @@ def test_beam_of_one_equals_greedy_on_a_network(family: str) -> None:
         assert hyps[0].logprob >= g[0].logprob - 1e-5  # a wider beam never finds a worse best
 
 
+@pytest.mark.parametrize(("family", "eos_weight"), [("lstm", 1.0), ("transformer", 3.0)])
+def test_a_batch_searches_each_sentence_as_if_alone(family: str, eos_weight: float) -> None:
+    # Sentences end at different steps (by their own length limits; the Transformer's, with its EOS weights
+    # scaled up, also by EOS at varying steps) and leave the decoder batch as they end; what the others find
+    # must not change.
+    torch.manual_seed(5)
+    extra = {"heads": 2, "ffn_size": 32} if family == "transformer" else {"input_feed": True}
+    cfg = ModelConfig(family=family, emb_dim=16, hidden_size=16, enc_layers=1, dec_layers=1, dropout=0.0, **extra)
+    model = build_model(cfg, 40, PAD).eval()
+    with torch.no_grad():
+        model.generator.weight[EOS] *= eos_weight
+    lengths = torch.tensor([7, 6, 5, 5, 3, 2, 1, 4])
+    src = torch.randint(4, 40, (len(lengths), 7)).masked_fill(torch.arange(7) >= lengths.unsqueeze(1), PAD)
+    args = {"beam_size": 3, "n_best": 3, "bos_id": BOS, "eos_id": EOS, "pad_id": PAD, "max_len_a": 1.0,
+            "max_len_b": 2}
+    together = beam_search(model, src, lengths, **args)
+    alone = [beam_search(model, src[i : i + 1, : int(n)], lengths[i : i + 1], **args)[0]
+             for i, n in enumerate(lengths)]
+    steps = {len(h.tokens) for hyps in together for h in hyps}
+    assert len(steps) >= 4, steps  # the hypotheses did end at many different steps
+    for batched, single in zip(together, alone, strict=True):
+        assert [h.tokens for h in batched] == [h.tokens for h in single]
+        assert [h.logprob for h in batched] == pytest.approx([h.logprob for h in single], abs=1e-5)
+
+
 def test_reranking_orders_by_the_formula() -> None:
     nbest = [Hypothesis([A], -1.0, -1.0), Hypothesis([A, B, A], -2.0, -2.0), Hypothesis([B, B], -1.5, -1.5)]
     logq = [-6.0, -1.0, -3.0]
