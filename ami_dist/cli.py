@@ -127,7 +127,8 @@ def run_training(args: argparse.Namespace) -> int:
         if cfg.tracking.parent_run_id:  # how MLflow nests a run under another (an experiment's parent run)
             tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
         tracker = make_tracker(cfg.tracking.enabled, comm.is_main, cfg.tracking.uri, cfg.tracking.experiment,
-                               cfg.run.name, tags, run_id=previous_run, buffer_dir=run_dir)
+                               cfg.run.name, tags, run_id=previous_run, buffer_dir=run_dir,
+                               system_metrics_s=cfg.tracking.system_metrics_s)
         if watchdog is not None:  # rank 0 records another rank's failure before it exits
             watchdog.on_failure = lambda reason: _record_failure(tracker, reason)
         hosts = comm.gather(socket.gethostname())
@@ -196,7 +197,7 @@ def _record_failure(tracker, reason: str, status: str = "FAILED") -> None:
 
 
 def _print_summary(run, metrics: dict[str, float], tracker) -> None:
-    from ami_dist.tracking import resolve_uri
+    from ami_dist.tracking import resolve_uri, ui_page
 
     lines = [f"finished {run.step} steps; run directory: {run.run_dir}"]
     for net in run.networks:
@@ -214,8 +215,9 @@ def _print_summary(run, metrics: dict[str, float], tracker) -> None:
     if tracker.run_id:
         uri = resolve_uri(run.cfg.tracking.uri)
         lines.append(f"MLflow run id: {tracker.run_id} (store {uri})")
+        page = ui_page(tracker.experiment_id, tracker.run_id) if getattr(tracker, "experiment_id", None) else ""
         lines.append(f"open the UI: .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
-                     "  -> http://127.0.0.1:5000")
+                     f"  -> http://127.0.0.1:5000/{page}")
     print("\n".join(lines), flush=True)
 
 

@@ -6,7 +6,8 @@
 Writes ``comparison.md`` (settings that tell the runs apart and the final validation metrics),
 ``valid_bleu.png`` / ``losses.png`` (validation BLEU and MLE losses over steps) and, for AMI runs,
 ``ami_phases.png`` (noise strength, distinct samples, reward spread, the critic's log q of real and
-synthetic pairs), then logs them as the artifacts of a new "comparison" run in the same experiment.
+synthetic pairs), then logs them as the artifacts of a new "comparison" run in the same experiment (nested
+under the compared runs' parent run when they all have the same one, e.g. the arms of a benchmark).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def find_runs(client: Any, run_ids: list[str], experiment: str | None) -> list[A
     if found is None:
         raise UserError(f"MLflow experiment {experiment!r} not found in {client.tracking_uri}")
     runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"])
-    runs = [r for r in runs if r.data.tags.get("kind") not in ("evaluation", "comparison")]
+    runs = [r for r in runs if r.data.tags.get("kind") not in ("evaluation", "comparison", "experiment")]
     if not runs:
         raise UserError(f"MLflow experiment {experiment!r} has no training runs to compare")
     return runs
@@ -108,8 +109,11 @@ def compare(uri: str, run_ids: list[str], experiment: str | None, out: Path, log
         written.append(out / name)
     if log:
         experiment_name = client.get_experiment(runs[0].info.experiment_id).name
-        tracker = MlflowTracker(uri, experiment_name, "comparison",
-                                {"kind": "comparison", "compared_runs": ",".join(r.info.run_id for r in runs)},
+        tags = {"kind": "comparison", "compared_runs": ",".join(r.info.run_id for r in runs)}
+        parents = {r.data.tags.get("mlflow.parentRunId") for r in runs}
+        if len(parents) == 1 and None not in parents:  # the arms of one experiment: the comparison is one of them
+            tags["mlflow.parentRunId"] = parents.pop()
+        tracker = MlflowTracker(uri, experiment_name, "comparison", tags,
                                 buffer_dir=out, start_offline=True)  # a server gone since the runs were read
         for path in written:
             tracker.log_artifact(path, "comparison")

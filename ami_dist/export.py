@@ -12,6 +12,8 @@ checkpoint is one ``ami-dist: error:`` line (exit code 2) and leaves an earlier 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 from dataclasses import dataclass
@@ -105,6 +107,7 @@ def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None, ave
         for one in tags:
             if not (checkpoint / one).is_dir():
                 raise UserError(f"{checkpoint / one}: checkpoint not found")
+            print(f"reading {name} {one}", file=sys.stderr, flush=True)
             state = consolidate(checkpoint, one)
             _check_fits(state, expected, checkpoint / one, files.config)
             for key, value in state.items():  # summed in float64: the mean of N fp32 tensors, rounded once
@@ -146,12 +149,14 @@ def write_model_file(out: str | Path, model: ModelConfig, vocab: Vocab, networks
 
 def consolidate(checkpoint: Path, tag: str) -> dict[str, torch.Tensor]:
     """DeepSpeed's fp32 consolidation of one network's shards, every file read with ``weights_only=True``."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the consolidation runs on the CPU; no guessing, no warning
     from deepspeed.utils import zero_to_fp32
 
     from ami_dist.distributed.safe_load import weights_only_loads
 
-    try:
-        with weights_only_loads(zero_to_fp32):
+    try:  # DeepSpeed narrates every shard it reads on stdout and stderr; the failure, if any, is ours to say
+        with weights_only_loads(zero_to_fp32), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
             return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tag)
     except UserError:
         raise

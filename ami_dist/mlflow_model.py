@@ -14,7 +14,9 @@ options by the same names (``sample: true`` for sampling); a bad one is an error
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,7 +32,6 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from ami_dist.errors import UserError
 
-NAME = "model"  # the logged model's name: runs:/<run id>/model
 # ami-generate's options a request may set, with their defaults there (n_best 0: ami-generate's own default)
 PARAMS: dict[str, tuple[str, Any]] = {
     "direction": ("string", "forward"),
@@ -98,8 +99,9 @@ class Generator(PythonModel):
 
 
 def log_model(model_file: Path, run_dir: Path, register: str | None = None) -> str:
-    """Log ``model_file`` (an export of ``run_dir``) as the MLflow model of the run's MLflow run, registered as
-    ``register`` too if given. Returns its ``runs:/`` URI."""
+    """Log ``model_file`` (an export of ``run_dir``) as an MLflow model of the run's MLflow run, named for the
+    file (``model.pt``: ``runs:/<run id>/model``; ``model.avg3.pt``: ``.../model-avg3``; the newest of a name is
+    the one the URI means), registered as ``register`` too if given. Returns its ``runs:/`` URI."""
     from ami_dist.config import load_config
     from ami_dist.export import load_exported
     from ami_dist.run_dir import RunDir
@@ -112,6 +114,7 @@ def log_model(model_file: Path, run_dir: Path, register: str | None = None) -> s
     files = RunDir(run_dir)
     cfg = load_config(files.config, check_files=False)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines narrate the input example's check
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     try:
@@ -119,12 +122,13 @@ def log_model(model_file: Path, run_dir: Path, register: str | None = None) -> s
     except MlflowException as e:
         raise UserError(f"{files.mlflow_run_id}: MLflow run {run_id} not found in {uri} ({e.message[:200]})") from None
     example = ["Hello!"] if source["data"]["format"] == "personachat" else ["How are you?"]
-    logged = mlflow.initialize_logged_model(name=NAME, source_run_id=run_id, experiment_id=experiment_id,
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(model_file).stem) or "model"
+    logged = mlflow.initialize_logged_model(name=name, source_run_id=run_id, experiment_id=experiment_id,
                                             model_type="ami-dist seq2seq", tags={"tag": source["tag"]})
     staging = Path(tempfile.mkdtemp(prefix="ami-mlflow-model-"))
     try:
         mlflow.pyfunc.save_model(
-            staging / NAME, python_model=str(Path(__file__).with_name("serving.py")), signature=SIGNATURE,
+            staging / name, python_model=str(Path(__file__).with_name("serving.py")), signature=SIGNATURE,
             artifacts={"model": str(model_file), "config": str(files.config),
                        "vocab": str(files.vocab(cfg.vocab.kind))},
             input_example=({"text": example}, {"beam": 1}),
@@ -134,16 +138,20 @@ def log_model(model_file: Path, run_dir: Path, register: str | None = None) -> s
                       "task": source["task"],
                       "needs": "the ami-dist package (pip install -e . from its repository)"},
         )
-        client.log_model_artifacts(logged.model_id, str(staging / NAME))
+        client.log_model_artifacts(logged.model_id, str(staging / name))
     except BaseException:
         client.finalize_logged_model(logged.model_id, "FAILED")
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     client.finalize_logged_model(logged.model_id, "READY")
+    from mlflow.entities import LoggedModelOutput
+
+    step = int(source["tag"].removeprefix("step")) if source["tag"].startswith("step") else 0
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step)])  # the run page lists it
     if register:
         mlflow.register_model(f"models:/{logged.model_id}", register)
-    return f"runs:/{run_id}/{NAME}"
+    return f"runs:/{run_id}/{name}"
 
 
 def _requirements() -> list[str]:

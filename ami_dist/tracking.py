@@ -65,6 +65,7 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_inputs(self, datasets: list[dict[str, Any]]) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -85,6 +86,9 @@ class NullTracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         pass
 
+    def log_inputs(self, datasets: list[dict[str, Any]]) -> None:
+        pass
+
     def finish(self, status: str = "FINISHED") -> None:
         pass
 
@@ -95,6 +99,30 @@ def _artifact_location(uri: str) -> str | None:
         return None
     db = Path(uri.removeprefix("sqlite:///")).resolve()
     return (db.parent / "mlartifacts").as_uri()
+
+
+# MLflow 3's UI shows an experiment by its kind: without this tag it offers its GenAI views (traces, judges,
+# prompts), with it the model-training ones (runs, metrics, models).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def experiment_id(client: Any, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created as a model-training experiment if it does not exist (one made
+    before without a kind gets it too)."""
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        return client.create_experiment(name, artifact_location=_artifact_location(uri), tags=EXPERIMENT_KIND)
+    if not found.tags.get("mlflow.experimentKind"):
+        for key, value in EXPERIMENT_KIND.items():
+            client.set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
+
+
+def ui_page(experiment: str, run_id: str | None = None) -> str:
+    """The UI's page of an experiment (or of one of its runs), in its model-training views: MLflow 3.17's UI
+    chooses between those and its GenAI views by a switch of its own (default GenAI), which the URL sets."""
+    page = f"#/experiments/{experiment}" + (f"/runs/{run_id}" if run_id else "/runs")
+    return page + "?workflowType=machine_learning"
 
 
 def resolve_uri(configured: str | None) -> str:
@@ -198,6 +226,13 @@ def _send(client: Any, run_id: str, records: list[dict[str, Any]]) -> None:
             _say(f"ami-dist: warning: artifact {record['path']} no longer exists; not logged")
             return
         client.log_artifact(run_id, record["path"], record["artifact_path"])
+    elif op == "inputs":
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        client.log_inputs(run_id, datasets=[
+            DatasetInput(Dataset(d["name"], d["digest"], "local", json.dumps(d["source"]), None,
+                                 json.dumps(d["profile"])), tags=[InputTag("mlflow.data.context", d["context"])])
+            for d in record["datasets"]])
     elif op == "terminate":
         client.set_terminated(run_id, record["status"], end_time=record["end_time"])
     else:
@@ -254,11 +289,8 @@ def replay_buffer(path: Path, client: Any = None, uri: str | None = None,
         client = MlflowClient(tracking_uri=uri or header["uri"])
     if header.get("run_id") is None:
         create = header["create"]
-        found = client.get_experiment_by_name(create["experiment"])
-        experiment_id = found.experiment_id if found else client.create_experiment(
-            create["experiment"], artifact_location=_artifact_location(uri or header["uri"]))
-        header["run_id"] = client.create_run(experiment_id, run_name=create["run_name"],
-                                             tags=create["tags"]).info.run_id
+        header["run_id"] = client.create_run(experiment_id(client, create["experiment"], uri or header["uri"]),
+                                             run_name=create["run_name"], tags=create["tags"]).info.run_id
         _write_buffer(path, header, records)
         if on_created is not None:
             on_created(header["run_id"])
@@ -330,6 +362,8 @@ class MlflowTracker:
         if self.buffer is not None and is_remote(uri):
             use_short_http_timeouts()
         self._finished = False
+        self.experiment_id: str | None = None
+        self._system_metrics: Any = None
         self._earlier_params: dict[str, str] = {}  # of the run a resumed run continues
         with sqlite_store_lock(uri):
             self.client = MlflowClient(tracking_uri=uri)  # opens the store: creates its tables if it is new
@@ -359,11 +393,10 @@ class MlflowTracker:
                                     ) from None
                 self.client.update_run(run_id, status="RUNNING")
                 self.run_id = run_id
+                self.experiment_id = self.client.get_run(run_id).info.experiment_id
                 return
-            found = self.client.get_experiment_by_name(experiment)
-            experiment_id = found.experiment_id if found else self.client.create_experiment(
-                experiment, artifact_location=_artifact_location(uri))
-            self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags or {}).info.run_id
+            self.experiment_id = experiment_id(self.client, experiment, uri)
+            self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags or {}).info.run_id
         except MlflowException as e:
             if is_unreachable(e) and self._start_offline:  # the run is created when the buffer is replayed
                 self.run_id = None
@@ -397,7 +430,28 @@ class MlflowTracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         self._do({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
+    def log_inputs(self, datasets: list[dict[str, Any]]) -> None:
+        """The run's datasets (MLflow's dataset inputs): each ``{"name", "digest", "source", "profile",
+        "context"}``, context ``training`` or ``validation``."""
+        self._do({"op": "inputs", "datasets": datasets})
+
+    def start_system_metrics(self, every_s: float, resume: bool) -> None:
+        """Log this machine's CPU, memory, disk, network (and GPU, where pynvml finds one) use every ``every_s``
+        seconds as ``system/*`` metrics, until ``finish``: MLflow's own monitor, in a thread. It stops by itself
+        (one warning) if the store cannot be reached; those samples are not buffered."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        if self.run_id is None or self.buffering:
+            return
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start and stop are not news
+        self._system_metrics = SystemMetricsMonitor(self.run_id, sampling_interval=every_s, resume_logging=resume,
+                                                    tracking_uri=self.uri)
+        self._system_metrics.start()
+
     def finish(self, status: str = "FINISHED") -> None:
+        if self._system_metrics is not None:  # its last samples go in before the run ends
+            self._system_metrics.finish()
+            self._system_metrics = None
         with self._lock:
             if self._finished:
                 return
@@ -482,12 +536,16 @@ class MlflowTracker:
 
 def make_tracker(enabled: bool, is_main: bool, uri: str | None, experiment: str, run_name: str,
                  tags: dict[str, str] | None = None, run_id: str | None = None,
-                 buffer_dir: str | Path | None = None) -> Tracker:
+                 buffer_dir: str | Path | None = None, system_metrics_s: float = 0) -> Tracker:
     """An MLflow tracker on rank 0 when tracking is enabled (continuing ``run_id`` if given), else a no-op.
-    With ``buffer_dir`` (the run directory) an unreachable server does not stop the run (module docstring)."""
+    With ``buffer_dir`` (the run directory) an unreachable server does not stop the run (module docstring);
+    with ``system_metrics_s`` it also logs rank 0's machine use that often."""
     if not (enabled and is_main):
         return NullTracker()
-    return MlflowTracker(resolve_uri(uri), experiment, run_name, tags, run_id, buffer_dir=buffer_dir)
+    tracker = MlflowTracker(resolve_uri(uri), experiment, run_name, tags, run_id, buffer_dir=buffer_dir)
+    if system_metrics_s:
+        tracker.start_system_metrics(system_metrics_s, resume=run_id is not None)
+    return tracker
 
 
 # -- python -m ami_dist.tracking replay RUN_DIR ------------------------------------------------------

@@ -40,13 +40,14 @@ def create_parent(store: Path, experiment: str, name: str, tags: dict[str, str])
     earlier invocation with this store made, if any (its kept runs are nested there), else a new one."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(
-        experiment, artifact_location=(store.parent / "mlartifacts").as_uri())
-    earlier = client.search_runs([experiment_id], filter_string=f"tags.kind = 'experiment' and "
+    from ami_dist.tracking import experiment_id
+
+    uri = f"sqlite:///{store}"
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = experiment_id(client, experiment, uri)  # artifacts beside the store, as training's runs have them
+    earlier = client.search_runs([exp_id], filter_string=f"tags.kind = 'experiment' and "
                                  f"attributes.run_name = '{name}'", max_results=1)
     if earlier:
         client.update_run(earlier[0].info.run_id, status="RUNNING")
         return earlier[0].info.run_id
-    return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    return client.create_run(exp_id, run_name=name, tags=tags).info.run_id

@@ -194,6 +194,10 @@ class TrackingConfig:
     experiment: str = spec("ami-dist", "MLflow experiment name")
     enabled: bool = spec(True, "log to MLflow at all")
     parent_run_id: str | None = spec(None, "nest this run under that MLflow run (an experiment's parent run)")
+    system_metrics_s: float = spec(
+        10.0, "log the CPU, memory, disk and network use (and GPU, where there is one) of rank 0's machine every "
+        "N seconds as system/* metrics (0 = off)", ge=0,
+    )
 
 
 @dataclass

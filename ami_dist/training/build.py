@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -142,4 +143,23 @@ def build_run(cfg: Config, comm: Comm, run_dir: Path, tracker: Tracker, ds_confi
             **adapter_params(),
         })
         tracker.log_params(params)
+        tracker.log_inputs(dataset_inputs(data.manifest, {"train": len(train), "valid": len(valid)}))
     return run
+
+
+def dataset_inputs(manifest: dict, pairs: dict[str, int]) -> list[dict]:
+    """The training and validation data as MLflow dataset inputs: named for the corpus and split, with a digest
+    of the files' contents (their sha256 in the prepared manifest) and of how they were read."""
+    out = []
+    for split, context in (("train", "training"), ("valid", "validation")):
+        files = {key: entry for key, entry in manifest["inputs"].items() if key.startswith(split + "_")}
+        if not files:  # a corpus prepared elsewhere and brought along without its raw files' record
+            continue
+        first = Path(next(iter(files.values()))["path"])
+        digest = hashlib.sha256(json.dumps({"files": [e["sha256"] for e in files.values()],
+                                            "settings": manifest["settings"]}, sort_keys=True).encode())
+        out.append({"name": f"{first.parent.name}/{split}", "digest": digest.hexdigest()[:16], "context": context,
+                    "source": {key: entry["path"] for key, entry in files.items()},
+                    "profile": {"pairs": pairs[split], "bytes": sum(e["bytes"] for e in files.values()),
+                                **{key: entry["sha256"] for key, entry in files.items()}}})
+    return out

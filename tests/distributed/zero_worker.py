@@ -38,6 +38,9 @@ class RecordingTracker:
     def set_tags(self, tags: dict) -> None:
         pass
 
+    def log_inputs(self, datasets: list) -> None:
+        pass
+
     def finish(self, status: str = "FINISHED") -> None:
         pass
 
