@@ -31,7 +31,7 @@ def _history(uri: str, experiment: str) -> dict[str, dict[int, float]]:
     (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     out = {}
     for key in run.data.metrics:
-        if key == "train/tgt_tokens_per_s":
+        if key == "train/tgt_tokens_per_s" or key.startswith("system/"):  # timings and sampled machine use
             continue
         # a step logged before the kill and again after the restart: the later value is the one that counts
         history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.timestamp)
