@@ -53,6 +53,7 @@ FINAL_WAIT_S = 2.0  # ... this far apart (rank 0 may have only MARK_TIMEOUT_S to
 _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
                   "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 _PROBE_TIMEOUT_S = 2.0
+LOCKED = "database is locked"  # SQLite's word for a writer that waited its busy timeout out
 _PARAMS_PER_BATCH = 100  # MLflow's limit on params in one log_batch call
 _METRICS_PER_BATCH = 1000  # and on metrics
 _PARAM_VALUE_MAX = 6000
@@ -162,6 +163,8 @@ def is_unreachable(error: BaseException) -> bool:
         if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
                           requests.exceptions.RetryError, ConnectionError, TimeoutError, socket.gaierror)):
             return True
+        if LOCKED in str(e):  # an embedded store another process held for longer than MLflow waits (20 s)
+            return True
         e = e.__cause__ or e.__context__
     return False
 
@@ -169,6 +172,8 @@ def is_unreachable(error: BaseException) -> bool:
 def _reason(error: BaseException) -> str:
     """A few words on why the server was not reached (MLflow's own message is a paragraph)."""
     text = str(error)
+    if LOCKED in text:
+        return "the SQLite database stayed locked by another process for over MLflow's 20 s"
     found = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
     if found:
         return found.group(1).strip()

@@ -264,6 +264,32 @@ def test_buffered_calls_replay_in_order_with_their_steps_and_timestamps(
     assert run.info.status == "FINISHED" and run.data.tags["note"] == "buffered"
 
 
+def test_a_store_locked_past_mlflows_wait_buffers_and_replays(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # Another process holds the embedded store's write lock for longer than MLflow's busy timeout (20 s):
+    # the call that waited it out is buffered, not lost, and replayed once the lock is gone.
+    import sqlite3
+
+    database = tmp_path / "mlflow.db"
+    tracker = MlflowTracker(f"sqlite:///{database}", "unit", "unit", buffer_dir=tmp_path, retry_every_s=0.0)
+    tracker.log_metrics({"loss": 1.0}, 1)
+    holder = sqlite3.connect(database, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        tracker.log_metrics({"loss": 2.0}, 2)  # waits out the 20 s, then goes to the buffer
+        assert tracker.buffering
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert "database stayed locked by another process" in capsys.readouterr().err
+    tracker.log_metrics({"loss": 3.0}, 3)  # the lock is gone: the buffer replays first
+    assert not tracker.buffering and not (tmp_path / BUFFER_FILE).exists()
+    tracker.finish()
+    client = MlflowClient(tracking_uri=f"sqlite:///{database}")
+    assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "loss")] == [
+        (1, 1.0), (2, 2.0), (3, 3.0)]
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+
+
 def test_a_buffer_left_at_the_end_replays_with_the_command(
         store: str, tmp_path: Path, no_retries: None, capsys: pytest.CaptureFixture) -> None:
     tracker = _tracker(store, tmp_path, retry_every_s=3600.0)
