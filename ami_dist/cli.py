@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ami_dist.entry import Parser, command
 from ami_dist.errors import UserError
-from ami_dist.run_dir import RunDir
+from ami_dist.run_dir import RunDir, check_writable
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,6 +95,10 @@ def run_training(args: argparse.Namespace) -> int:
         print(f"ami-dist: note: {preset_path}: ZeRO-3 on one rank partitions nothing and keeps a whole gradient "
               "buffer besides the weights; ZeRO-2 (configs/ds_zero2.json) needs less memory here "
               "(benchmarks/zero_memory.py)", file=sys.stderr, flush=True)
+    if resume_dir is not None:  # checkpoints, validation outputs and logs go where the run is
+        check_writable(resume_dir, f"--{'run_dir' if continuing else 'resume'}")
+    else:
+        check_writable(exact_dir or Path(cfg.run.output_dir), "--run_dir" if exact_dir else "run.output_dir")
     tag = latest_tag(resume_dir) if resume_dir is not None and _has_checkpoint(resume_dir, continuing) else None
     if tag is not None:  # a bad checkpoint fails here, before the ranks meet and the MLflow run is reopened
         check_resumable(resume_dir, tag, cfg)

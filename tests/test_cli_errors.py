@@ -279,6 +279,27 @@ def _one_error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.parametrize("where", ["run.output_dir", "--run_dir"])
+def test_an_output_directory_that_cannot_be_written_fails_before_anything_starts(where: str, tmp_path: Path) -> None:
+    # A read-only filesystem for real: a tmpfs mounted read-only in a private mount namespace (unshare), where
+    # even root cannot write; the run must say so before it prepares data, opens MLflow or meets other ranks.
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    cfg = tiny_config(tmp_path, run={"name": "test", "output_dir": str(readonly / "runs"), "seed": 7},
+                      data={"cache_dir": str(tmp_path / "prepared")},
+                      distributed={"deepspeed_config": str(ROOT / "configs/ds_zero2.json")})
+    config = write_config(tmp_path, cfg)
+    target = ["--run_dir", str(readonly / "run")] if where == "--run_dir" else []
+    command = " ".join([PYTHON, str(ROOT / "ami_dist/train.py"), "--config", str(config), *target])
+    mount = f"mount -t tmpfs -o size=1m,ro tmpfs {readonly}"
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", f"{mount} && exec {command}"], cwd=tmp_path,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    line = _one_error_line(proc)
+    wanted = readonly / ("run" if where == "--run_dir" else "runs")
+    assert f"ami-dist: error: {where}: cannot write under {wanted} ({readonly}: Read-only file system)" in line, line
+    assert not (tmp_path / "prepared").exists() and not (tmp_path / "mlflow.db").exists()
+
+
 @pytest.mark.parametrize(("name", "setup", "expected"), CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2(name: str, setup: Setup, expected: str, tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path)
