@@ -14,6 +14,7 @@ filesystem every rank sees (as on a cluster's shared storage).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ import torch
 from ami_dist.config import SCHEMA_VERSION
 from ami_dist.data.vocab import vocab_sha256
 from ami_dist.distributed.safe_load import safe_torch_load
-from ami_dist.errors import UserError
+from ami_dist.errors import RunStopped, UserError
 from ami_dist.run_dir import RunDir
 from ami_dist.training.context import Run
 from ami_dist.training.selection import BEST_FILE
@@ -92,23 +93,74 @@ def save_checkpoint(run: Run) -> str:
     if run.comm.is_main:  # leftovers of a save that was killed before it completed
         for stale in _tag_dirs(run, tag + PARTIAL):
             shutil.rmtree(stale, ignore_errors=True)
-    run.comm.barrier()
-    for name, engine in _engines(run).items():
-        engine.save_checkpoint(str(root / name), tag=tag + PARTIAL, client_state=client_state, save_latest=False)
-    rank_dir = root / "ranks" / (tag + PARTIAL)
-    rank_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({"torch_rng": torch.get_rng_state(),
-                "noise_offset": run.stream.offset if run.stream is not None else 0,
-                "vocab_sha256": vocab_sha256(run.vocab)},
-               rank_dir / f"rank{run.comm.rank}.pt")
-    for partial in _tag_dirs(run, tag + PARTIAL):
-        if partial.is_dir():
-            _fsync_tree(partial)
+    short = run.comm.on_main(lambda: _short_of_space(run))  # every rank stops, before anything is written
+    if short is not None:
+        raise RunStopped(_no_space(root, tag, *short))
+    try:
+        for name, engine in _engines(run).items():
+            engine.save_checkpoint(str(root / name), tag=tag + PARTIAL, client_state=client_state, save_latest=False)
+        rank_dir = root / "ranks" / (tag + PARTIAL)
+        rank_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"torch_rng": torch.get_rng_state(),
+                    "noise_offset": run.stream.offset if run.stream is not None else 0,
+                    "vocab_sha256": vocab_sha256(run.vocab)},
+                   rank_dir / f"rank{run.comm.rank}.pt")
+        for partial in _tag_dirs(run, tag + PARTIAL):
+            if partial.is_dir():
+                _fsync_tree(partial)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError ("unexpected pos")
+        if not _disk_full(e, root):
+            raise
+        written = sum(_tree_bytes(d) for d in _tag_dirs(run, tag + PARTIAL))
+        if run.comm.is_main:  # nothing partial stays (a multi-rank run's other ranks are stopped by the watchdog)
+            for partial in _tag_dirs(run, tag + PARTIAL):
+                shutil.rmtree(partial, ignore_errors=True)
+        raise RunStopped(_no_space(root, tag, written, _free(root), None, partial=True)) from None
     run.comm.barrier()  # every rank's shards are on disk
     if run.comm.is_main:
         _commit(run, tag)
     run.comm.barrier()
     return tag
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def _short_of_space(run: Run) -> tuple[int, int, str] | None:
+    """(bytes a checkpoint needs, bytes free, the newest complete tag) when the newest complete checkpoint's size
+    (with a margin) does not fit in what is free on the run directory's filesystem; None when it does, or when
+    there is no checkpoint to measure yet."""
+    tags = completed_tags(run.run_dir)
+    if not tags:
+        return None
+    need = sum(_tree_bytes(d) for d in _tag_dirs(run, tags[-1]))
+    free = _free(checkpoint_root(run.run_dir))
+    return (need, free, tags[-1]) if free < need * 1.05 + 2**16 else None
+
+
+def _disk_full(error: BaseException, root: Path) -> bool:
+    seen: BaseException | None = error
+    while seen is not None:
+        if getattr(seen, "errno", None) == errno.ENOSPC:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return _free(root) < 2**20
+
+
+def _free(root: Path) -> int:
+    return shutil.disk_usage(root if root.exists() else root.parent).free
+
+
+def _no_space(root: Path, tag: str, need: int, free: int, previous: str | None, partial: bool = False) -> str:
+    latest = root / "latest"
+    kept = (f"checkpoint {latest.read_text(encoding='utf-8').strip()} is complete and {latest} names it; free space "
+            f"there, then continue with --resume {root.parent}" if latest.is_file() else
+            "no earlier checkpoint was completed; free space there, then start the run again")
+    what = (f"it ran out after {need / 2**20:.1f} MiB" if partial else
+            f"it needs about {need / 2**20:.1f} MiB, the size of {previous}")
+    return (f"{root}: no space left on the device for checkpoint {tag} ({what}; {free / 2**20:.1f} MiB free): the "
+            f"run stops; {kept}")
 
 
 def _commit(run: Run, tag: str) -> None:
