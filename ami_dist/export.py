@@ -13,8 +13,10 @@ checkpoint is one ``ami-dist: error:`` line (exit code 2) and leaves an earlier 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +144,16 @@ def write_model_file(out: str | Path, model: ModelConfig, vocab: Vocab, networks
     try:
         torch.save(payload, tmp)
         os.replace(tmp, out)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError ("unexpected pos")
+        written = tmp.stat().st_size if tmp.exists() else 0
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(out.parent).free
+        if getattr(e, "errno", None) != errno.ENOSPC and free >= 2**20:
+            raise
+        need = sum(t.numel() * t.element_size() for net in networks.values() for t in net.values())
+        raise UserError(f"{out}: no space left on the device (the file needs about {need / 2**20:.1f} MiB; it ran out "
+                        f"after {written / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free); "
+                        f"{'the earlier file is untouched' if out.exists() else 'nothing was written'}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return out

@@ -86,3 +86,29 @@ def test_a_first_checkpoint_that_runs_out_of_space_leaves_nothing_partial(tmp_pa
                      r"[\d.]+ MiB free\): the run stops; no earlier checkpoint was completed", line), line
     assert facts["latest"] == "" and facts["partial"] == "0" and facts["tags"] == ""
     assert _mlflow_run(tmp_path, run).info.status == "FAILED"
+
+
+def test_an_export_that_does_not_fit_is_one_line_and_leaves_the_earlier_file(finished_run: Path,
+                                                                              tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    out = small / "model.pt"
+    script = f"""
+        mount -t tmpfs -o size=200k tmpfs {small} || exit 99
+        echo earlier > {out}
+        cd {finished_run} && {PYTHON} -m ami_dist.export run --no_mlflow --out {out} 2> {tmp_path / 'export.err'}
+        echo "export_rc=$?"
+        echo "kept=$(cat {out})"
+        echo "tmp=$(ls {small} | grep -c tmp)"
+    """
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT,
+                          env={**subprocess_env(), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=300)
+    facts = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    assert facts["export_rc"] == "2", proc.stdout + proc.stderr
+    err = (tmp_path / "export.err").read_text()
+    assert "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("ami-dist: error:")]
+    assert re.search(rf"{out}: no space left on the device \(the file needs about [\d.]+ MiB; it ran out after "
+                     r"[\d.]+ MiB, [\d.]+ MiB free\); the earlier file is untouched", line), line
+    assert facts["kept"] == "earlier" and facts["tmp"] == "0"
