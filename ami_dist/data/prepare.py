@@ -451,6 +451,15 @@ def prepare(cfg: Config, out: Path | None = None, vocab_file: Path | None = None
         except UserError as e:
             error_file.write_text(str(e) + "\n", encoding="utf-8")
             raise
+        except OSError as e:
+            free = shutil.disk_usage(final.parent).free
+            if e.errno != errno.ENOSPC and free >= 2**20:
+                raise
+            written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+            corpus = sum(v["bytes"] for v in spec.inputs.values())
+            raise UserError(f"{final.parent}: no space left on the device preparing the corpus ({corpus / 2**20:.1f} "
+                            f"MiB of text; it ran out after writing {written / 2**20:.1f} MiB, {free / 2**20:.1f} MiB "
+                            "free): set data.cache_dir to a directory with room, or free space there") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         train = read_manifest(final)["splits"]["train"]

@@ -112,3 +112,28 @@ def test_an_export_that_does_not_fit_is_one_line_and_leaves_the_earlier_file(fin
     assert re.search(rf"{out}: no space left on the device \(the file needs about [\d.]+ MiB; it ran out after "
                      r"[\d.]+ MiB, [\d.]+ MiB free\); the earlier file is untouched", line), line
     assert facts["kept"] == "earlier" and facts["tmp"] == "0"
+
+
+def test_a_prepared_data_cache_that_does_not_fit_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    cfg = tiny_config(tmp_path, data={"cache_dir": str(small / "prepared")},
+                      distributed={"deepspeed_config": str(ROOT / "configs/ds_zero2.json")})
+    config = write_config(tmp_path, cfg)
+    script = f"""
+        mount -t tmpfs -o size=300k tmpfs {small} || exit 99
+        {PYTHON} {ROOT / 'ami_dist/train.py'} --config {config} --run_dir {tmp_path / 'run'} 2> {tmp_path / 'err'}
+        echo "train_rc=$?"
+        echo "partial=$(find {small} -path '*.tmp-*' | wc -l)"
+        echo "prepared=$(find {small}/prepared -maxdepth 1 -type d ! -name digests ! -name prepared | wc -l)"
+    """
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    facts = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    err = (tmp_path / "err").read_text()
+    assert facts["train_rc"] == "2" and "Traceback" not in err, err[-3000:]
+    (line,) = [x for x in err.splitlines() if x.startswith("ami-dist: error:")]
+    assert re.search(rf"{small / 'prepared'}: no space left on the device preparing the corpus \([\d.]+ MiB of text; "
+                     r"it ran out after writing [\d.]+ MiB, [\d.]+ MiB free\): set data.cache_dir", line), line
+    # nothing half-written stays (the inputs' digest cache, complete small files, may)
+    assert facts["partial"] == "0" and facts["prepared"] == "0", proc.stdout
