@@ -233,11 +233,19 @@ def _send(client: Any, run_id: str, records: list[dict[str, Any]]) -> None:
         client.log_artifact(run_id, record["path"], record["artifact_path"])
     elif op == "inputs":
         from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.exceptions import MlflowException
 
-        client.log_inputs(run_id, datasets=[
-            DatasetInput(Dataset(d["name"], d["digest"], "local", json.dumps(d["source"]), None,
-                                 json.dumps(d["profile"])), tags=[InputTag("mlflow.data.context", d["context"])])
-            for d in record["datasets"]])
+        inputs = [DatasetInput(Dataset(d["name"], d["digest"], "local", json.dumps(d["source"]), None,
+                                       json.dumps(d["profile"])), tags=[InputTag("mlflow.data.context", d["context"])])
+                  for d in record["datasets"]]
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+        except MlflowException as e:
+            # Runs of a sweep log the same dataset at once: MLflow looks for it, finds none, and inserts it, so all
+            # but the first insert fail on the dataset's unique key. Now it exists, and a second call links it.
+            if "UNIQUE" not in str(e) and "IntegrityError" not in str(e):
+                raise
+            client.log_inputs(run_id, datasets=inputs)
     elif op == "terminate":
         client.set_terminated(run_id, record["status"], end_time=record["end_time"])
     else:
