@@ -81,7 +81,7 @@ def _stop_early(run: Run) -> None:
     reason = run.selection.stop_reason()
     if run.comm.is_main:
         print(f"ami-dist: early stopping after step {run.step} of {run.schedule.total_steps}: {reason}; "
-                       f"checkpoint {tag}", flush=True)
+              f"checkpoint {tag}", flush=True)
     run.tracker.set_tags({"early_stopped_at_step": str(run.step), "early_stopping_reason": reason})
 
 
