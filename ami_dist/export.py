@@ -13,10 +13,8 @@ checkpoint is one ``ami-dist: error:`` line (exit code 2) and leaves an earlier 
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 
 from ami_dist.config import Config, load_config, to_dict
 from ami_dist.data.vocab import Vocab, vocab_from_bytes
+from ami_dist.disk import free_bytes, is_disk_full
 from ami_dist.entry import Parser, command
 from ami_dist.errors import UserError
 from ami_dist.models import ModelConfig, Seq2Seq, build_model
@@ -147,9 +146,9 @@ def write_model_file(out: str | Path, model: ModelConfig, vocab: Vocab, networks
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError ("unexpected pos")
         written = tmp.stat().st_size if tmp.exists() else 0
         tmp.unlink(missing_ok=True)
-        free = shutil.disk_usage(out.parent).free
-        if getattr(e, "errno", None) != errno.ENOSPC and free >= 2**20:
+        if not is_disk_full(e, out.parent):
             raise
+        free = free_bytes(out.parent)
         need = sum(t.numel() * t.element_size() for net in networks.values() for t in net.values())
         raise UserError(f"{out}: no space left on the device (the file needs about {need / 2**20:.1f} MiB; it ran out "
                         f"after {written / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free); "

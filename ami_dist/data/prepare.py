@@ -60,6 +60,7 @@ from ami_dist.data.prepared import (
 )
 from ami_dist.data.textio import count_lines, iter_lines, open_text_file
 from ami_dist.data.vocab import VOCAB_FILES, SentencePieceVocab, Vocab, WordVocab, vocab_from_bytes, vocab_sha256
+from ami_dist.disk import free_bytes, is_disk_full, tree_bytes
 from ami_dist.errors import ConfigError, DataError, UserError
 from ami_dist.progress import progress_bar
 
@@ -452,10 +453,9 @@ def prepare(cfg: Config, out: Path | None = None, vocab_file: Path | None = None
             error_file.write_text(str(e) + "\n", encoding="utf-8")
             raise
         except OSError as e:
-            free = shutil.disk_usage(final.parent).free
-            if e.errno != errno.ENOSPC and free >= 2**20:
+            if not is_disk_full(e, final.parent):
                 raise
-            written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+            free, written = free_bytes(final.parent), tree_bytes(tmp)
             corpus = sum(v["bytes"] for v in spec.inputs.values())
             raise UserError(f"{final.parent}: no space left on the device preparing the corpus ({corpus / 2**20:.1f} "
                             f"MiB of text; it ran out after writing {written / 2**20:.1f} MiB, {free / 2**20:.1f} MiB "

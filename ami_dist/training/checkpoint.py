@@ -14,7 +14,6 @@ filesystem every rank sees (as on a cluster's shared storage).
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ import torch
 
 from ami_dist.config import SCHEMA_VERSION
 from ami_dist.data.vocab import vocab_sha256
+from ami_dist.disk import free_bytes, is_disk_full, tree_bytes
 from ami_dist.distributed.safe_load import safe_torch_load
 from ami_dist.errors import RunStopped, UserError
 from ami_dist.run_dir import RunDir
@@ -93,7 +93,9 @@ def save_checkpoint(run: Run) -> str:
     if run.comm.is_main:  # leftovers of a save that was killed before it completed
         for stale in _tag_dirs(run, tag + PARTIAL):
             shutil.rmtree(stale, ignore_errors=True)
-    short = run.comm.on_main(lambda: _short_of_space(run))  # every rank stops, before anything is written
+    # rank 0 checks the space after its clean-up; the other ranks wait for its answer (the barrier the clean-up
+    # needs) and all stop together, before anything is written, if the checkpoint would not fit
+    short = run.comm.on_main(lambda: _short_of_space(run))
     if short is not None:
         raise RunStopped(_no_space(root, tag, *short))
     try:
@@ -109,22 +111,18 @@ def save_checkpoint(run: Run) -> str:
             if partial.is_dir():
                 _fsync_tree(partial)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError ("unexpected pos")
-        if not _disk_full(e, root):
+        if not is_disk_full(e, root):
             raise
-        written = sum(_tree_bytes(d) for d in _tag_dirs(run, tag + PARTIAL))
+        written = sum(tree_bytes(d) for d in _tag_dirs(run, tag + PARTIAL))
         if run.comm.is_main:  # nothing partial stays (a multi-rank run's other ranks are stopped by the watchdog)
             for partial in _tag_dirs(run, tag + PARTIAL):
                 shutil.rmtree(partial, ignore_errors=True)
-        raise RunStopped(_no_space(root, tag, written, _free(root), None, partial=True)) from None
+        raise RunStopped(_no_space(root, tag, written, free_bytes(root), None, partial=True)) from None
     run.comm.barrier()  # every rank's shards are on disk
     if run.comm.is_main:
         _commit(run, tag)
     run.comm.barrier()
     return tag
-
-
-def _tree_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
 def _short_of_space(run: Run) -> tuple[int, int, str] | None:
@@ -134,22 +132,9 @@ def _short_of_space(run: Run) -> tuple[int, int, str] | None:
     tags = completed_tags(run.run_dir)
     if not tags:
         return None
-    need = sum(_tree_bytes(d) for d in _tag_dirs(run, tags[-1]))
-    free = _free(checkpoint_root(run.run_dir))
+    need = sum(tree_bytes(d) for d in _tag_dirs(run, tags[-1]))
+    free = free_bytes(checkpoint_root(run.run_dir))
     return (need, free, tags[-1]) if free < need * 1.05 + 2**16 else None
-
-
-def _disk_full(error: BaseException, root: Path) -> bool:
-    seen: BaseException | None = error
-    while seen is not None:
-        if getattr(seen, "errno", None) == errno.ENOSPC:
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return _free(root) < 2**20
-
-
-def _free(root: Path) -> int:
-    return shutil.disk_usage(root if root.exists() else root.parent).free
 
 
 def _no_space(root: Path, tag: str, need: int, free: int, previous: str | None, partial: bool = False) -> str:
