@@ -82,9 +82,11 @@ def average_tags(run_dir: Path, spec: str) -> list[str]:
     return tags
 
 
-def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None, average: str | None = None) -> Path:
+def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None,
+               average: str | None = None) -> tuple[Path, dict[str, Any]]:
     """Write the consolidated fp32 networks of checkpoint ``tag`` (default: the newest) to ``out``; with
-    ``average`` (see ``average_tags``), the mean of the named checkpoints' weights instead."""
+    ``average`` (see ``average_tags``), the mean of the named checkpoints' weights instead. Returns the file and
+    its ``source`` (where the weights came from: run, tags, MLflow run, data and evaluation settings)."""
     from ami_dist.tracking import absolute_uri, resolve_uri
     from ami_dist.training.checkpoint import latest_tag
 
@@ -128,7 +130,7 @@ def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None, ave
         "licenses": {"ami-dist": "Apache-2.0", "data": cfg.data.license},
         "eval": to_dict(cfg.eval),
     }
-    return write_model_file(out, cfg.model, vocab, networks, source)
+    return write_model_file(out, cfg.model, vocab, networks, source), source
 
 
 def write_model_file(out: str | Path, model: ModelConfig, vocab: Vocab, networks: dict[str, dict[str, torch.Tensor]],
@@ -239,16 +241,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # a mistake here is one line too (Parser raises UserError)
     if args.register and args.no_mlflow:
         parser.error("--register needs MLflow (drop --no_mlflow)")
-    out = export_run(args.run_dir, args.out or Path(args.run_dir) / "model.pt", args.tag, args.average)
-    averaged = average_tags(Path(args.run_dir), args.average) if args.average else []
-    what = f"fp32, the mean of {', '.join(averaged)}" if len(averaged) > 1 else "fp32"
+    out, source = export_run(args.run_dir, args.out or Path(args.run_dir) / "model.pt", args.tag, args.average)
+    averaged = source["averaged_tags"]
+    what = f"fp32, the mean of {', '.join(averaged)}" if averaged else "fp32"
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): forward and backward networks, {what}")
     if not args.no_mlflow:
-        _log_to_mlflow(out, Path(args.run_dir), args.register)
+        _log_to_mlflow(out, Path(args.run_dir), source, args.register)
     return 0
 
 
-def _log_to_mlflow(out: Path, run_dir: Path, register: str | None) -> None:
+def _log_to_mlflow(out: Path, run_dir: Path, source: dict[str, Any], register: str | None) -> None:
     """The file as the MLflow model of the run; a run trained without tracking has none (unless one asked)."""
     from ami_dist.mlflow_model import log_model
 
@@ -257,7 +259,7 @@ def _log_to_mlflow(out: Path, run_dir: Path, register: str | None) -> None:
             raise UserError(f"--register {register}: {run_dir} trained with tracking off, so it has no MLflow run "
                             "to log the model to")
         return
-    uri = log_model(out, run_dir, register)
+    uri = log_model(out, run_dir, source, register)
     registered = f"; registered as {register}" if register else ""
     print(f"logged the MLflow model {uri}{registered} (serve it: mlflow models serve -m {uri} --env-manager local)")
 

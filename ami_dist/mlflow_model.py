@@ -98,16 +98,13 @@ class Generator(PythonModel):
                 for number, hyps in enumerate(found, start=1) for hyp in hyps[: args.n_best]]
 
 
-def log_model(model_file: Path, run_dir: Path, register: str | None = None) -> str:
-    """Log ``model_file`` (an export of ``run_dir``) as an MLflow model of the run's MLflow run, named for the
-    file (``model.pt``: ``runs:/<run id>/model``; ``model.avg3.pt``: ``.../model-avg3``; the newest of a name is
-    the one the URI means), registered as ``register`` too if given. Returns its ``runs:/`` URI."""
+def log_model(model_file: Path, run_dir: Path, source: dict[str, Any], register: str | None = None) -> str:
+    """Log ``model_file`` (an export of ``run_dir``, written with ``source``) as an MLflow model of the run's MLflow
+    run, named for the file (``model.pt``: ``runs:/<run id>/model``; ``model.avg3.pt``: ``.../model-avg3``; the
+    newest of a name is the one the URI means), registered as ``register`` too if given. Returns its URI."""
     from ami_dist.config import load_config
-    from ami_dist.export import load_exported
     from ami_dist.run_dir import RunDir
 
-    exported = load_exported(model_file)
-    source = exported.source
     run_id, uri = source.get("mlflow_run_id"), source.get("tracking_uri")
     if not run_id or not uri:
         raise UserError(f"{run_dir}: the run has no MLflow run to log the model to (it trained with tracking off)")
