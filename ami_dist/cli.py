@@ -219,7 +219,7 @@ def _print_summary(run, metrics: dict[str, float], tracker) -> None:
     if tracker.run_id:
         uri = resolve_uri(run.cfg.tracking.uri)
         lines.append(f"MLflow run id: {tracker.run_id} (store {uri})")
-        page = ui_page(tracker.experiment_id, tracker.run_id) if getattr(tracker, "experiment_id", None) else ""
+        page = ui_page(tracker.experiment_id, tracker.run_id) if tracker.experiment_id else ""
         lines.append(f"open the UI: .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
                      f"  -> http://127.0.0.1:5000/{page}")
     print("\n".join(lines), flush=True)

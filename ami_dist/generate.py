@@ -181,7 +181,7 @@ def generate(args: argparse.Namespace) -> None:
     job = setup(args, load_exported(args.model))
     writer = Writer(sys.stdout, job.exported, args.n_best, args.tabular)
     if args.interactive:
-        chat(job.prompter, job.strategy, job.model, job.other, writer)
+        chat(job, writer)
         return
     name = "<stdin>" if args.input == "-" else args.input
     stream = sys.stdin.buffer if args.input == "-" else open_text_file(args.input)
@@ -194,9 +194,10 @@ def generate(args: argparse.Namespace) -> None:
                 writer.write(number, hyps)
 
 
-def chat(prompter: Prompter, strategy: Strategy, model: Seq2Seq, other: Seq2Seq, writer: Writer) -> None:
+def chat(job: Job, writer: Writer) -> None:
     """Answer each line typed, keeping the conversation as training built its sources: the partner's turns and
     the model's answers, the last ``max_history_turns`` of them ``<sep>``-joined. ``/reset`` starts over."""
+    prompter = job.prompter
     history: list[str] = []
     dialog = prompter.dialog and prompter.direction == "forward"
     print(f"ami-generate: {'chatting' if dialog else 'translating'}; an empty line answers nothing, "
@@ -224,8 +225,8 @@ def chat(prompter: Prompter, strategy: Strategy, model: Seq2Seq, other: Seq2Seq,
             source = prompter.context(history)
         else:  # a translation; or an empty line: an empty answer, and the conversation as it was
             source = prompter.source(line)
-        (hyps,) = decode_all(strategy, model, other, [prompter.ids(source, f"<stdin>:{number}")], vocab, 1,
-                             first_index=number - 1)
+        (hyps,) = decode_all(job.strategy, job.model, job.other, [prompter.ids(source, f"<stdin>:{number}")], vocab,
+                             1, first_index=number - 1)
         writer.write(number, hyps)
         answer = " ".join(tokenize(vocab.decode(hyps[0].tokens)))
         if dialog and answer:

@@ -61,6 +61,7 @@ _PARAM_VALUE_MAX = 6000
 
 class Tracker(Protocol):
     run_id: str | None
+    experiment_id: str | None
 
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
@@ -74,6 +75,7 @@ class NullTracker:
     """Accepts everything, records nothing (ranks other than 0, or tracking disabled)."""
 
     run_id: str | None = None
+    experiment_id: str | None = None
 
     def log_params(self, params: dict[str, Any]) -> None:
         pass
@@ -102,8 +104,8 @@ def _artifact_location(uri: str) -> str | None:
     return (db.parent / "mlartifacts").as_uri()
 
 
-# MLflow 3's UI shows an experiment by its kind: without this tag it offers its GenAI views (traces, judges,
-# prompts), with it the model-training ones (runs, metrics, models).
+# MLflow 3 records what an experiment is for in this tag (model training, not GenAI). Its 3.17 UI picks its views
+# by a switch of its own instead (see ui_page), but the API, and UIs that read the tag, see it.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
