@@ -350,6 +350,55 @@ def sqlite_store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+SCHEMA_ATTEMPTS = 10  # openings of a new store tried while another process may be creating its tables ...
+SCHEMA_WAIT_S = 2.0  # ... this far apart
+
+
+def _schema_race(error: BaseException) -> BaseException | None:
+    """The error in ``error``'s chain that a second process creating or upgrading a store's tables at the same
+    time causes (SQLAlchemy, alembic or sqlite3 errors, or MLflow finding the schema at another revision than
+    its own); None if there is none."""
+    seen: BaseException | None = error
+    while seen is not None:
+        module = type(seen).__module__
+        if module.startswith(("sqlalchemy", "alembic", "sqlite3")) or "database schema" in str(seen):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def open_client(uri: str, attempts: int = SCHEMA_ATTEMPTS, wait_s: float = SCHEMA_WAIT_S) -> Any:
+    """An ``MlflowClient`` of ``uri``, with its store open (MLflow creates or upgrades a store's tables when a
+    process first opens it).
+
+    The lock of :func:`sqlite_store_lock` keeps ami-dist's own processes from creating one store together, but
+    a process outside it (``mlflow ui`` started on a store that does not exist yet, a notebook) may be doing so
+    at the same moment; the opening that meets its half-made tables fails inside MLflow's migrations. The other
+    process finishes them, so the opening is tried again, ``attempts`` times ``wait_s`` apart, before the error
+    is reported, naming the database.
+    """
+    from mlflow.tracking import MlflowClient
+
+    attempt = 1
+    while True:
+        try:
+            return MlflowClient(tracking_uri=uri)
+        except Exception as e:
+            race = _schema_race(e) if uri.startswith("sqlite:///") else None
+            if race is None:
+                raise
+            if attempt >= attempts:
+                last = (str(race).strip().splitlines() or [""])[-1][:600]
+                raise UserError(f"{uri[len('sqlite:///'):]}: MLflow could not create or upgrade this store's "
+                                f"tables ({type(race).__name__}: {last}); if another process (mlflow ui, a "
+                                "notebook) opened the new store at the same moment, start the run again; "
+                                "otherwise the file may not be an MLflow store") from None
+        _say(f"ami-dist: MLflow's tables in {uri} are being created by another process; trying again in "
+             f"{wait_s:g} s")
+        time.sleep(wait_s)
+        attempt += 1
+
+
 class MlflowTracker:
     """One MLflow run; metrics and params go in batches through MlflowClient (no global fluent state).
 
@@ -362,8 +411,6 @@ class MlflowTracker:
                  retry_every_s: float | None = None, buffer_name: str = BUFFER_FILE,
                  start_offline: bool = False) -> None:
         logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations on a new store are noisy
-        from mlflow.tracking import MlflowClient
-
         self.uri = uri
         self.buffer_dir = Path(buffer_dir) if buffer_dir is not None else None
         self.buffer = self.buffer_dir / buffer_name if self.buffer_dir is not None else None
@@ -381,7 +428,7 @@ class MlflowTracker:
         self._system_metrics: Any = None
         self._earlier_params: dict[str, str] = {}  # of the run a resumed run continues
         with sqlite_store_lock(uri):
-            self.client = MlflowClient(tracking_uri=uri)  # opens the store: creates its tables if it is new
+            self.client = open_client(uri)  # opens the store: creates its tables if it is new
             self._open(experiment, run_name, tags, run_id)
 
     def _open(self, experiment: str, run_name: str, tags: dict[str, str] | None, run_id: str | None) -> None:

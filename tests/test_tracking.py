@@ -110,3 +110,69 @@ def test_runs_logging_the_same_datasets_at_once_all_get_them(tmp_path: Path) -> 
     for run in client.search_runs([experiment], "attributes.run_name LIKE 'run%'"):
         names = sorted(i.dataset.name for i in run.inputs.dataset_inputs)
         assert names == sorted(f"corpus{k}/train" for k in range(30)), run.info.run_name
+
+
+class _HalfMadeStore:
+    """Stands in for ``MlflowClient``: its first ``failures`` openings meet tables another process is still
+    creating (the error MLflow's migrations raised in CI), later ones find the store complete."""
+
+    def __init__(self, failures: int, error: Exception) -> None:
+        self.failures, self.error, self.openings = failures, error, 0
+
+    def __call__(self, tracking_uri: str) -> str:
+        self.openings += 1
+        if self.openings <= self.failures:
+            try:  # raised inside MLflow, as a chained error
+                raise self.error
+            except Exception as inner:
+                raise RuntimeError("MLflow's migrations failed") from inner
+        return tracking_uri
+
+
+def _race_error() -> Exception:
+    import sqlalchemy.exc
+
+    return sqlalchemy.exc.CircularDependencyError("Circular dependency detected.", [], [])
+
+
+def test_opening_a_store_another_process_is_creating_waits_for_it(monkeypatch, capsys) -> None:
+    import mlflow.tracking
+
+    from ami_dist.tracking import open_client
+
+    store = _HalfMadeStore(2, _race_error())
+    monkeypatch.setattr(mlflow.tracking, "MlflowClient", store)
+    assert open_client("sqlite:///x/mlflow.db", wait_s=0) == "sqlite:///x/mlflow.db"
+    assert store.openings == 3
+    assert capsys.readouterr().err.count("being created by another process") == 2
+
+
+def test_a_store_that_never_opens_is_one_line_naming_it(monkeypatch) -> None:
+    import mlflow.tracking
+    import pytest
+
+    from ami_dist.errors import UserError
+    from ami_dist.tracking import open_client
+
+    store = _HalfMadeStore(99, _race_error())
+    monkeypatch.setattr(mlflow.tracking, "MlflowClient", store)
+    with pytest.raises(UserError, match=r"^x/mlflow\.db: MLflow could not create or upgrade .*CircularDependency"):
+        open_client("sqlite:///x/mlflow.db", attempts=3, wait_s=0)
+    assert store.openings == 3
+
+
+def test_other_errors_and_other_stores_are_not_retried(monkeypatch) -> None:
+    import mlflow.tracking
+    import pytest
+
+    from ami_dist.tracking import open_client
+
+    store = _HalfMadeStore(1, ValueError("bad URI"))  # not an error of a schema being made
+    monkeypatch.setattr(mlflow.tracking, "MlflowClient", store)
+    with pytest.raises(RuntimeError):
+        open_client("sqlite:///x/mlflow.db", wait_s=0)
+    store = _HalfMadeStore(1, _race_error())  # a server's store is the server's business
+    monkeypatch.setattr(mlflow.tracking, "MlflowClient", store)
+    with pytest.raises(RuntimeError):
+        open_client("http://127.0.0.1:5000", wait_s=0)
+    assert store.openings == 1
