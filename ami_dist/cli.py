@@ -69,7 +69,7 @@ def run_training(args: argparse.Namespace) -> int:
     from ami_dist.distributed.watchdog import raise_on_sigterm, start_watchdog
     from ami_dist.tracking import NullTracker, Tracker, absolute_uri, make_tracker, resolve_uri
     from ami_dist.training.build import build_run, make_run_dir, resolve_deepspeed
-    from ami_dist.training.checkpoint import latest_tag, resume
+    from ami_dist.training.checkpoint import check_new_world, latest_tag, resume
     from ami_dist.training.loop import train
 
     # Everything a user can get wrong is checked before the ranks meet, so a mistake fails fast on
@@ -102,6 +102,7 @@ def run_training(args: argparse.Namespace) -> int:
     tag = latest_tag(resume_dir) if resume_dir is not None and _has_checkpoint(resume_dir, continuing) else None
     if tag is not None:  # a bad checkpoint fails here, before the ranks meet and the MLflow run is reopened
         check_resumable(resume_dir, tag, cfg)
+        check_new_world(resume_dir, tag, launch.world_size, cfg.train.batch_tokens)
     for key in ("init_forward", "init_backward"):  # and so does a bad starting point, before the run directory
         if getattr(cfg.ami, key) is not None:
             check_init_checkpoint(key, getattr(cfg.ami, key))

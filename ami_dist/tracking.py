@@ -372,7 +372,7 @@ def open_client(uri: str, attempts: int = SCHEMA_ATTEMPTS, wait_s: float = SCHEM
     process first opens it).
 
     The lock of :func:`sqlite_store_lock` keeps ami-dist's own processes from creating one store together, but
-    a process outside it (``mlflow ui`` started on a store that does not exist yet, a notebook) may be doing so
+    a process outside it (the MLflow UI started on a store that does not exist yet, a notebook) may be doing so
     at the same moment; the opening that meets its half-made tables fails inside MLflow's migrations. The other
     process finishes them, so the opening is tried again, ``attempts`` times ``wait_s`` apart, before the error
     is reported, naming the database.
@@ -390,7 +390,7 @@ def open_client(uri: str, attempts: int = SCHEMA_ATTEMPTS, wait_s: float = SCHEM
             if attempt >= attempts:
                 last = (str(race).strip().splitlines() or [""])[-1][:600]
                 raise UserError(f"{uri[len('sqlite:///'):]}: MLflow could not create or upgrade this store's "
-                                f"tables ({type(race).__name__}: {last}); if another process (mlflow ui, a "
+                                f"tables ({type(race).__name__}: {last}); if another process (the MLflow UI, a "
                                 "notebook) opened the new store at the same moment, start the run again; "
                                 "otherwise the file may not be an MLflow store") from None
         _say(f"ami-dist: MLflow's tables in {uri} are being created by another process; trying again in "

@@ -129,6 +129,7 @@ class ShardedBucketSampler:
         self.batch_size = batch_size
         self.batch_tokens = batch_tokens
         self.rank, self.world, self.seed = rank, world, seed
+        self.layout_world = world  # the ranks token-batched steps are laid out for (see load_state_dict)
         self.bucket_batches = bucket_batches
         self.epoch = 0
         self.position = 0  # batches of the current epoch this rank has already yielded
@@ -140,9 +141,7 @@ class ShardedBucketSampler:
                     f"train.batch_tokens = {batch_tokens} is smaller than the widest training example "
                     f"({widest} tokens: max(source, target + 1)); raise it to at least {widest}"
                 )
-            # a pool holds about bucket_batches steps: rows per rank-batch estimated from the mean width
-            mean_width = float(self._widths.mean()) if len(self._widths) else 1.0
-            self._pool_size = bucket_batches * world * max(1, int(batch_tokens // mean_width))
+            self._lay_out_for(world)
             # any world examples make a step (one row each, none wider than the budget), so with at least
             # world examples an epoch has a step; no need to lay one out here
             enough = len(self._widths) >= world
@@ -154,6 +153,13 @@ class ShardedBucketSampler:
                 f"{len(self.src_lengths)} examples make no step of {size} x {world} ranks "
                 f"(at least {world} are needed)"
             )
+
+    def _lay_out_for(self, world: int) -> None:
+        """Lay token-batched steps out for ``world`` ranks: a pool holds about ``bucket_batches`` steps, the rows
+        per rank-batch estimated from the mean width."""
+        self.layout_world = world
+        mean_width = float(self._widths.mean()) if len(self._widths) else 1.0
+        self._pool_size = self.bucket_batches * world * max(1, int(self.batch_tokens // mean_width))
 
     def global_batches(self, epoch: int) -> list[np.ndarray]:
         """All ranks' steps of ``epoch`` in order (identical on every rank), each sorted by length."""
@@ -178,7 +184,7 @@ class ShardedBucketSampler:
 
     def _fits(self, rows: int, width: int) -> bool:
         """Whether a step of ``rows`` examples no wider than ``width`` keeps every rank within budget."""
-        return -(-rows // self.world) * width <= self.batch_tokens
+        return -(-rows // self.layout_world) * width <= self.batch_tokens
 
     def _token_steps(self, order: np.ndarray) -> list[np.ndarray]:
         steps: list[np.ndarray] = []
@@ -187,11 +193,11 @@ class ShardedBucketSampler:
             chunk = self._sort_by_width(np.concatenate((carry, order[start : start + self._pool_size])))
             widths = self._widths[chunk]  # ascending: a step's last example is its widest
             first = 0
-            while len(chunk) - first >= self.world:
+            while len(chunk) - first >= self.layout_world:
                 # the largest m with ceil(m / world) * widths[first + m - 1] <= budget; both factors grow
                 # with m, so bisect. m = world always fits (one row per rank, none wider than the budget).
-                lo = self.world
-                hi = min(len(chunk) - first, self.batch_tokens // int(widths[first]) * self.world)
+                lo = self.layout_world
+                hi = min(len(chunk) - first, self.batch_tokens // int(widths[first]) * self.layout_world)
                 while lo < hi:
                     mid = (lo + hi + 1) // 2
                     if self._fits(mid, int(widths[first + mid - 1])):
@@ -232,19 +238,33 @@ class ShardedBucketSampler:
             self.position = 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world": self.world,
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world": self.layout_world,
                 "batch_tokens": self.batch_tokens}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("world", self.world) != self.world or state.get("seed", self.seed) != self.seed:
-            raise ValueError(
-                f"sampler state is for seed {state.get('seed')} and {state.get('world')} ranks, "
-                f"this run has seed {self.seed} and {self.world} ranks"
-            )
+        """Continue where ``state`` left off, on this sampler's number of ranks.
+
+        The position counts steps, and a step is the same examples on any number of ranks: batching by
+        sentences, a step is ``batch_size x world`` examples, the run's global batch, whatever the world; batching
+        by tokens, steps are laid out for the number of ranks the run started on (``state["world"]``), each rank
+        taking its rows of them, so fewer ranks each take more tokens. More ranks than that are refused there: a
+        step laid out for fewer ranks may have fewer rows than ranks.
+        """
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(f"sampler state is for seed {state.get('seed')}, this run has seed {self.seed}")
         # states saved before token batching have no key: they batched by sentences
         if int(state.get("batch_tokens", 0)) != self.batch_tokens:
             raise ValueError(
                 f"sampler state is for train.batch_tokens = {state.get('batch_tokens', 0)}, this run has "
                 f"train.batch_tokens = {self.batch_tokens} (a different budget makes different batches)"
             )
+        layout = int(state.get("world", self.world))
+        if self.batch_tokens and layout != self.layout_world:
+            if self.world > layout:
+                raise ValueError(
+                    f"batching by tokens (train.batch_tokens = {self.batch_tokens}), the run's steps are laid out "
+                    f"for the {layout} ranks it started on, and a step may have as few rows as that: it can "
+                    f"continue on at most {layout} ranks, not {self.world}"
+                )
+            self._lay_out_for(layout)
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

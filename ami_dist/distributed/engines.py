@@ -176,12 +176,15 @@ def gradient_clipping(engine: Any, max_norm: float) -> Iterator[None]:
 
 
 def load_module_weights(engine: Any, checkpoint_dir: str | Path) -> None:
-    """Load only the network weights of the newest checkpoint in ``checkpoint_dir`` (no optimizer state)."""
-    path, _ = engine.load_checkpoint(str(checkpoint_dir), load_module_only=True, load_optimizer_states=False,
-                                     load_lr_scheduler_states=False)
-    if path is None:
+    """Load only the network weights of the newest checkpoint in ``checkpoint_dir`` (no optimizer state),
+    written on any number of ranks and any ZeRO stage (an MLE run on 8 GPUs may start AMI on 4)."""
+    from ami_dist.distributed.reshard import load_resharded_weights
+
+    latest = Path(checkpoint_dir) / "latest"
+    if not latest.is_file():
         raise ConfigError(f"{checkpoint_dir}: no DeepSpeed checkpoint found (expected a 'latest' file and a tag "
                           "directory, as written by a training run under checkpoints/<network>/)")
+    load_resharded_weights(engine, Path(checkpoint_dir) / latest.read_text(encoding="utf-8").strip())
 
 
 def full_parameters(engine: Any) -> dict[str, torch.Tensor]:

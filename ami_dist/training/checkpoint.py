@@ -10,6 +10,9 @@ barrier rank 0 renames the directories to ``step<N>`` and then, last, replaces `
 temporary file, fsync, rename). A process killed at any moment leaves ``latest`` pointing at a complete
 checkpoint; leftovers of an interrupted save are removed by the next one. The run directory must be on a
 filesystem every rank sees (as on a cluster's shared storage).
+
+A checkpoint resumed on another number of ranks, or under ZeRO-3 where it was written by ZeRO-1/2 (or the
+reverse), is resharded (:func:`resume`, :mod:`ami_dist.distributed.reshard`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from ami_dist.config import SCHEMA_VERSION
 from ami_dist.data.vocab import vocab_sha256
 from ami_dist.disk import free_bytes, is_disk_full, tree_bytes
+from ami_dist.distributed.reshard import load_resharded, model_states_file, saved_world_size, saved_zero_stage
 from ami_dist.distributed.safe_load import safe_torch_load
 from ami_dist.errors import RunStopped, UserError
 from ami_dist.run_dir import RunDir
@@ -200,17 +204,27 @@ def latest_tag(run_dir: Path) -> str:
 
 
 def resume(run: Run, tag: str) -> None:
-    """Load every engine and this rank's state from checkpoint ``tag``; the run continues at its step."""
+    """Load every engine and this rank's state from checkpoint ``tag``; the run continues at its step.
+
+    A checkpoint written on another number of ranks, or under another ZeRO stage (ZeRO-3's files differ from
+    ZeRO-1/2's), is resharded (:mod:`ami_dist.distributed.reshard`); the data position is global, so the run
+    goes on with the same global batches."""
     client: dict[str, Any] | None = None
     root = checkpoint_root(run.run_dir)
+    resharded = []
     for name, engine in _engines(run).items():
-        try:
-            path, state = engine.load_checkpoint(str(root / name), tag=tag)
-        except RuntimeError as e:  # shapes that do not fit this run's networks
-            first = str(e).strip().splitlines()[0][:300]
-            raise UserError(f"{root / name / tag}: does not fit this run's {name} network ({first})") from None
-        if path is None:
-            raise UserError(f"{root / name / tag}: checkpoint not found")
+        directory = root / name / tag
+        if _needs_resharding(directory, run.comm.world_size, engine.zero_optimization_stage()):
+            state = load_resharded(engine, directory)
+            resharded.append(name)
+        else:
+            try:
+                path, state = engine.load_checkpoint(str(root / name), tag=tag)
+            except RuntimeError as e:  # shapes that do not fit this run's networks
+                first = str(e).strip().splitlines()[0][:300]
+                raise UserError(f"{directory}: does not fit this run's {name} network ({first})") from None
+            if path is None:
+                raise UserError(f"{directory}: checkpoint not found")
         client = client or state
     assert client is not None
     if client.get("schema_version") != SCHEMA_VERSION:
@@ -222,10 +236,48 @@ def resume(run: Run, tag: str) -> None:
         run.sampler.load_state_dict(client["sampler"])
     except ValueError as e:
         raise UserError(f"{run.run_dir}: cannot resume checkpoint {tag}: {e}") from None
-    rank_file = root / "ranks" / tag / f"rank{run.comm.rank}.pt"
-    if not rank_file.is_file():
-        raise UserError(f"{rank_file}: missing (was the checkpoint written with a different number of ranks?)")
-    state = safe_torch_load(rank_file)
-    torch.set_rng_state(state["torch_rng"])
+    rank_files = sorted((root / "ranks" / tag).glob("rank*.pt"))
+    own = root / "ranks" / tag / f"rank{run.comm.rank}.pt"
+    if len(rank_files) == run.comm.world_size:
+        if not own.is_file():
+            raise UserError(f"{own}: missing (the checkpoint's rank files are {[f.name for f in rank_files]})")
+        state = safe_torch_load(own)
+        torch.set_rng_state(state["torch_rng"])
+        if run.stream is not None:
+            run.stream.offset = int(state["noise_offset"])
+        return
+    # Another number of ranks: a rank that existed keeps its random stream; a new one starts its own, seeded by
+    # the run's seed, its rank and the step. Every rank's latent noise continues past the furthest draw any rank
+    # made (each rank's noise seed folds in its rank, so no draw of any rank is repeated).
+    states = [safe_torch_load(f) for f in rank_files]
+    if own.is_file():
+        torch.set_rng_state(safe_torch_load(own)["torch_rng"])
+    else:
+        torch.manual_seed((run.cfg.run.seed * 1_000_003 + run.comm.rank * 7919 + run.step) % (1 << 63))
     if run.stream is not None:
-        run.stream.offset = int(state["noise_offset"])
+        run.stream.offset = max(int(s["noise_offset"]) for s in states)
+    if run.comm.is_main:
+        print(f"resharded checkpoint {tag} of {len(rank_files)} ranks onto {run.comm.world_size} "
+              f"({', '.join(resharded)})", flush=True)
+
+
+def check_new_world(run_dir: Path, tag: str, world_size: int, batch_tokens: int) -> None:
+    """Before the ranks meet: whether checkpoint ``tag``, if written on another number of ranks, can continue on
+    ``world_size`` (its batch arithmetic is checked with the DeepSpeed config). A token-batched run lays its
+    steps out for the ranks it started on, and continues on at most that many (``ShardedBucketSampler``)."""
+    root = checkpoint_root(run_dir)
+    saved = len(list((root / "ranks" / tag).glob("rank*.pt")))
+    if saved == world_size or not batch_tokens:
+        return
+    sampler = safe_torch_load(model_states_file(root / "forward" / tag), "cpu", mmap=True)["sampler"]
+    layout = int(sampler.get("world", saved))
+    if world_size > layout:
+        raise UserError(f"{run_dir}: batching by tokens (train.batch_tokens = {batch_tokens}), this run's steps are "
+                        f"laid out for the {layout} ranks it started on, and a step may have no more rows than "
+                        f"that: it can continue on at most {layout} ranks, not {world_size}")
+
+
+def _needs_resharding(directory: Path, world_size: int, stage: int) -> bool:
+    """Whether the checkpoint in ``directory`` was written on another world size, or with ZeRO-3's files where
+    this engine is ZeRO-1/2 (or the other way round)."""
+    return saved_world_size(directory) != world_size or (saved_zero_stage(directory) == 3) != (stage == 3)

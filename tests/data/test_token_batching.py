@@ -141,6 +141,28 @@ def test_resume_from_state_continues_identically_on_every_rank() -> None:
         assert head + list(itertools.islice(iter(resumed), total - head_len)) == reference
 
 
+def test_token_batched_steps_continue_on_fewer_ranks_and_refuse_more() -> None:
+    from tests.data.test_vocab_batching import _union_of_steps
+
+    src, tgt = _lengths(600, seed=5)
+
+    def sampler(rank: int, world: int) -> ShardedBucketSampler:
+        return ShardedBucketSampler(src, tgt, 8, rank=rank, world=world, seed=9, bucket_batches=3, batch_tokens=300)
+
+    three = [sampler(r, 3) for r in range(3)]
+    for s in three:
+        list(itertools.islice(iter(s), 5))
+    state = three[0].state_dict()
+    reference = _union_of_steps(three, 2 * three[0].batches_per_epoch())
+    for world in (1, 2):  # the steps laid out for 3 ranks, dealt to fewer (each takes more tokens)
+        resumed = [sampler(r, world) for r in range(world)]
+        for s in resumed:
+            s.load_state_dict(state)
+        assert _union_of_steps(resumed, len(reference)) == reference, world
+    with pytest.raises(ValueError, match=r"laid out for the 3 ranks it started on.*at most 3 ranks, not 4"):
+        sampler(0, 4).load_state_dict(state)
+
+
 def test_a_budget_below_the_widest_example_is_refused() -> None:
     src, tgt = [10, 63, 5], [62, 3, 4]  # widths 63, 63, 5
     with pytest.raises(ValueError, match=r"train\.batch_tokens = 50 .* \(63 tokens.*at least 63"):

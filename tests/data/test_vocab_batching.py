@@ -110,6 +110,23 @@ def test_resume_from_state_continues_identically() -> None:
     resumed = ShardedBucketSampler(src, tgt, 8, rank=1, world=2, seed=9)
     resumed.load_state_dict(state)
     assert head + list(itertools.islice(iter(resumed), 15)) == reference
-    other_world = ShardedBucketSampler(src, tgt, 8, rank=0, world=3, seed=9)
-    with pytest.raises(ValueError, match="3 ranks"):
-        other_world.load_state_dict(state)
+
+
+def _union_of_steps(samplers: list[ShardedBucketSampler], steps: int) -> list[list[int]]:
+    """The examples of each of the next ``steps`` steps, over all ranks' samplers, sorted."""
+    per_rank = [list(itertools.islice(iter(s), steps)) for s in samplers]
+    return [sorted(i for rank in per_rank for i in rank[step]) for step in range(steps)]
+
+
+def test_a_state_continues_on_another_number_of_ranks_with_the_same_global_batches() -> None:
+    src, tgt = _lengths(300)  # 2 ranks x 8 = a global batch of 16, 18 steps an epoch
+    two = [ShardedBucketSampler(src, tgt, 8, rank=r, world=2, seed=9) for r in range(2)]
+    for s in two:
+        list(itertools.islice(iter(s), 12))
+    state = two[0].state_dict()
+    reference = _union_of_steps(two, 20)  # crosses the epoch's end
+    for world in (1, 4):  # the micro-batch re-derived: 16 = 1 x 16 = 4 x 4
+        resumed = [ShardedBucketSampler(src, tgt, 16 // world, rank=r, world=world, seed=9) for r in range(world)]
+        for s in resumed:
+            s.load_state_dict(state)
+        assert _union_of_steps(resumed, 20) == reference, world
