@@ -5,8 +5,8 @@ DP world size of 2 but the current world size is 1"). Its answer, the universal 
 (``ds_to_universal`` then ``checkpoint.load_universal``), converts Adam's two moments only: a checkpoint of
 SGD with momentum (the paper's LSTM recipes) fails in its converter for ZeRO-1/2 and in its loader for
 ZeRO-3. So the resharding here reads the checkpoint files itself and writes what they hold through
-DeepSpeed's public ZeRO API (``deepspeed.utils.safe_set_full_fp32_param``), which places a whole tensor into
-this rank's partition whatever the stage:
+DeepSpeed's public ZeRO API (``deepspeed.utils.safe_set_full_fp32_param``, under ZeRO-3
+``safe_set_local_fp32_param``), which places a tensor into this rank's partition whatever the stage:
 
 - :class:`ZeroCheckpoint` reads one network's checkpoint (``checkpoints/<network>/<tag>/``) of any world
   size and ZeRO stage 1, 2 or 3 as whole tensors, one parameter at a time: the fp32 master weights and
@@ -161,21 +161,22 @@ def load_resharded(engine: Any, directory: str | Path) -> dict[str, Any]:
     """Load the ZeRO checkpoint in ``directory``, written on any world size and ZeRO stage, into ``engine``
     (collective: every rank of the engine calls it). Returns the checkpoint's client state (what
     ``engine.load_checkpoint`` returns second)."""
-    from deepspeed.utils import safe_set_full_fp32_param
-
     checkpoint = ZeroCheckpoint(directory)
     params = _fitting_parameters(engine, checkpoint)
+    zero3 = engine.zero_optimization_stage() == 3
     # The optimizer's state has the layout of the fp32 master partitions it updates. DeepSpeed creates it at the
     # first step, and its per-parameter setter needs it created; so each state tensor is written through the
     # master setter into the master partitions, copied from there into the (torch) optimizer's state, and the
     # masters are written last. The same order on every rank: ZeRO-3's gathers are collectives.
     base = engine.optimizer.optimizer
-    flats = [flat for group in base.param_groups for flat in group["params"]]
+    # ZeRO-3 empties the torch optimizer's param groups between its steps; its masters are kept here
+    flats = list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or
+                 [flat for group in base.param_groups for flat in group["params"]])
     for key in sorted({key for name in checkpoint.names() for key in checkpoint.state_keys(name)}):
         for name in checkpoint.names():
             value = (checkpoint.tensor(name, key) if key in checkpoint.state_keys(name) else
                      torch.zeros(checkpoint.shape(name)))
-            safe_set_full_fp32_param(params[name], value)
+            _set_master(params[name], value, zero3)
         for flat in flats:
             base.state[flat][key] = flat.detach().clone()
     _barrier()  # a machine's ranks may share the weights the masters alias (deepspeed_adapter)
@@ -219,14 +220,33 @@ def _fitting_parameters(engine: Any, checkpoint: ZeroCheckpoint) -> dict[str, to
 
 
 def _set_weights(engine: Any, checkpoint: ZeroCheckpoint, params: dict[str, torch.nn.Parameter]) -> None:
-    from deepspeed.utils import safe_set_full_fp32_param
-
     zero3 = engine.zero_optimization_stage() == 3
     for name in checkpoint.names():
         master = checkpoint.tensor(name)
-        safe_set_full_fp32_param(params[name], master)
+        _set_master(params[name], master, zero3)
         _set_weight(params[name], master, zero3)
     _barrier()
+
+
+def _set_master(param: torch.nn.Parameter, value: torch.Tensor, zero3: bool) -> None:
+    """This rank's part of a weight's fp32 master copy, from the whole ``value``.
+
+    Under ZeRO-3 a rank holds ``ceil(numel / world)`` elements of each weight, the last rank's padded; DeepSpeed
+    0.19's whole-tensor setter reads past the end of ``value`` there (a 16000-element weight on 3 ranks: "start
+    (10668) + length (5334) exceeds dimension size (16000)"), so this rank's padded slice goes through its
+    setter of the local partition instead.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+
+    if not zero3:
+        safe_set_full_fp32_param(param, value)
+        return
+    size = param.ds_tensor.numel()
+    start = torch.distributed.get_rank() * size if torch.distributed.is_initialized() else 0
+    piece = value.flatten()[start:start + size]
+    local = torch.zeros(size, dtype=piece.dtype)
+    local[:piece.numel()] = piece
+    safe_set_local_fp32_param(param, local)
 
 
 def _set_weight(param: torch.nn.Parameter, value: torch.Tensor, zero3: bool) -> None:
