@@ -80,3 +80,19 @@ def test_a_run_continues_on_one_rank_then_on_three(tmp_path: Path) -> None:
     # the forward network's weights from step 4, through 1 and then 3 ranks, on step 9's batch
     assert dict(resumed["fw/mle_nll"])[9] == pytest.approx(dict(reference["fw/mle_nll"])[9], rel=1e-5)
     assert dict(resumed["noise/loss"])[7] != dict(reference["noise/loss"])[7]  # noise drawn per rank differs
+
+
+@pytest.mark.distributed
+def test_a_token_batched_run_continues_on_no_more_ranks_than_it_started_on(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, train={"batch_size": 12, "batch_tokens": 300, "mle_steps": 4},
+                      model={"emb_dim": 16, "hidden_size": 16})
+    run_dir = tmp_path / "run"
+    _train(1, ["--config", str(write_config(tmp_path, cfg)), "--run_dir", str(run_dir), "train.stop_after_steps=2"])
+    launch = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    proc = subprocess.run([*launch, "ami_dist/train.py", "--run_dir", str(run_dir), "train.threads_per_rank=1"],
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert (f"ami-dist: error: {run_dir}: batching by tokens (train.batch_tokens = 300), this run's steps are laid "
+            "out for the 1 ranks it started on") in proc.stderr
+    assert "it can continue on at most 1 ranks, not 2" in proc.stderr
+    assert "/ami_dist/" not in "".join(line for line in proc.stderr.splitlines() if line.strip().startswith("File "))
