@@ -43,12 +43,21 @@ from ami_dist.distributed.safe_load import safe_torch_load
 from ami_dist.errors import UserError
 
 OPTIM_FILE = "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+BF16_PREFIX = "bf16_"  # what DeepSpeed's BF16_Optimizer (bf16 weights, ZeRO-1) puts before OPTIM_FILE
 FP32 = "fp32"  # the master weights, as DeepSpeed's universal checkpoint names them
+
+
+def _optim_file(directory: Path, rank: int) -> Path:
+    plain = directory / OPTIM_FILE.format(rank=rank)
+    bf16 = directory / (BF16_PREFIX + plain.name)
+    return bf16 if bf16.is_file() and not plain.is_file() else plain
 
 
 def saved_world_size(directory: Path) -> int:
     """How many ranks wrote the ZeRO checkpoint in ``directory`` (one optimizer-state file each)."""
-    return len(list(Path(directory).glob(OPTIM_FILE.format(rank="*"))))
+    directory = Path(directory)
+    return sum(1 for _ in directory.glob(OPTIM_FILE.format(rank="*"))) + sum(
+        1 for _ in directory.glob(BF16_PREFIX + OPTIM_FILE.format(rank="*")))
 
 
 def saved_zero_stage(directory: Path) -> int:
@@ -74,9 +83,9 @@ class ZeroCheckpoint:
         if self.world == 0:
             raise UserError(f"{self.directory}: no ZeRO optimizer states in it (expected "
                             f"{OPTIM_FILE.format(rank=0)} and one such file per rank)")
-        self._optim = [safe_torch_load(self.directory / OPTIM_FILE.format(rank=r), "cpu", mmap=True)
-                       [OPTIMIZER_STATE_DICT] for r in range(self.world)]
-        self.stage = int(self._optim[0]["zero_stage"])
+        self._optim = [safe_torch_load(_optim_file(self.directory, r), "cpu", mmap=True)[OPTIMIZER_STATE_DICT]
+                       for r in range(self.world)]
+        self.stage = int(self._optim[0].get("zero_stage", 1))  # BF16_Optimizer's (ZeRO-1) records none
         self.model_states: dict[str, Any] = safe_torch_load(model_states_file(self.directory), "cpu", mmap=True)
         self._shapes = [dict(group) for group in self.model_states[PARAM_SHAPES]]
         self._group = {name: g for g, group in enumerate(self._shapes) for name in group}

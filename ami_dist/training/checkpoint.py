@@ -28,7 +28,7 @@ import torch
 from ami_dist.config import SCHEMA_VERSION
 from ami_dist.data.vocab import vocab_sha256
 from ami_dist.disk import free_bytes, is_disk_full, tree_bytes
-from ami_dist.distributed.reshard import load_resharded, model_states_file, saved_world_size, saved_zero_stage
+from ami_dist.distributed.reshard import load_resharded, model_states_file, saved_zero_stage
 from ami_dist.distributed.safe_load import safe_torch_load
 from ami_dist.errors import RunStopped, UserError
 from ami_dist.run_dir import RunDir
@@ -211,10 +211,11 @@ def resume(run: Run, tag: str) -> None:
     goes on with the same global batches."""
     client: dict[str, Any] | None = None
     root = checkpoint_root(run.run_dir)
+    rank_files = sorted((root / "ranks" / tag).glob("rank*.pt"))  # one per rank that wrote the checkpoint
     resharded = []
     for name, engine in _engines(run).items():
         directory = root / name / tag
-        if _needs_resharding(directory, run.comm.world_size, engine.zero_optimization_stage()):
+        if _needs_resharding(directory, len(rank_files), run.comm.world_size, engine.zero_optimization_stage()):
             state = load_resharded(engine, directory)
             resharded.append(name)
         else:
@@ -236,7 +237,6 @@ def resume(run: Run, tag: str) -> None:
         run.sampler.load_state_dict(client["sampler"])
     except ValueError as e:
         raise UserError(f"{run.run_dir}: cannot resume checkpoint {tag}: {e}") from None
-    rank_files = sorted((root / "ranks" / tag).glob("rank*.pt"))
     own = root / "ranks" / tag / f"rank{run.comm.rank}.pt"
     if len(rank_files) == run.comm.world_size:
         if not own.is_file():
@@ -277,7 +277,7 @@ def check_new_world(run_dir: Path, tag: str, world_size: int, batch_tokens: int)
                         f"that: it can continue on at most {layout} ranks, not {world_size}")
 
 
-def _needs_resharding(directory: Path, world_size: int, stage: int) -> bool:
-    """Whether the checkpoint in ``directory`` was written on another world size, or with ZeRO-3's files where
-    this engine is ZeRO-1/2 (or the other way round)."""
-    return saved_world_size(directory) != world_size or (saved_zero_stage(directory) == 3) != (stage == 3)
+def _needs_resharding(directory: Path, saved_world: int, world_size: int, stage: int) -> bool:
+    """Whether the checkpoint in ``directory``, written by ``saved_world`` ranks, was written on another world
+    size, or with ZeRO-3's files where this engine is ZeRO-1/2 (or the other way round)."""
+    return saved_world != world_size or (saved_zero_stage(directory) == 3) != (stage == 3)
