@@ -93,6 +93,17 @@ def padding_fraction(batches: Iterable[Sequence[int] | np.ndarray], src_lengths:
     return 1.0 - real / computed if computed else 0.0
 
 
+def check_layout(layout_world: int, world: int, batch_tokens: int) -> None:
+    """Whether token-batched steps laid out for ``layout_world`` ranks can be dealt to ``world`` ranks (a
+    ValueError if not): a step may have as few rows as the ranks it was laid out for."""
+    if batch_tokens and world > layout_world:
+        raise ValueError(
+            f"batching by tokens (train.batch_tokens = {batch_tokens}), this run's steps are laid out for the "
+            f"{layout_world} ranks it started on, and a step may have as few rows as that: it can continue on at "
+            f"most {layout_world} ranks, not {world}"
+        )
+
+
 class ShardedBucketSampler:
     """Yields this rank's batches (lists of example indices) forever, epoch after epoch.
 
@@ -260,11 +271,6 @@ class ShardedBucketSampler:
             )
         layout = int(state.get("world", self.world))
         if self.batch_tokens and layout != self.layout_world:
-            if self.world > layout:
-                raise ValueError(
-                    f"batching by tokens (train.batch_tokens = {self.batch_tokens}), the run's steps are laid out "
-                    f"for the {layout} ranks it started on, and a step may have as few rows as that: it can "
-                    f"continue on at most {layout} ranks, not {self.world}"
-                )
+            check_layout(layout, self.world, self.batch_tokens)
             self._lay_out_for(layout)
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -104,12 +104,15 @@ class ZeroCheckpoint:
     def shape(self, name: str) -> torch.Size:
         return torch.Size(self._shapes[self._group[name]][name])
 
-    def _state(self, rank: int, group: int) -> dict[str, Any]:
-        """Rank ``rank``'s optimizer state of one parameter group (ZeRO-1/2) or sub-group (ZeRO-3)."""
+    def _torch_optimizer(self, rank: int) -> dict[str, Any]:
+        """The state dict of the torch optimizer ZeRO wrapped, as rank ``rank`` saved it."""
         from deepspeed.checkpoint.constants import BASE_OPTIMIZER_STATE, OPTIMIZER_STATE_DICT
 
-        states = (self._optim[rank][OPTIMIZER_STATE_DICT] if self.stage == 3 else
-                  self._optim[rank][BASE_OPTIMIZER_STATE])["state"]
+        return self._optim[rank][OPTIMIZER_STATE_DICT if self.stage == 3 else BASE_OPTIMIZER_STATE]
+
+    def _state(self, rank: int, group: int) -> dict[str, Any]:
+        """Rank ``rank``'s optimizer state of one parameter group (ZeRO-1/2) or sub-group (ZeRO-3)."""
+        states = self._torch_optimizer(rank)["state"]
         if isinstance(states, list):
             return states[group] if group < len(states) else {}
         return states.get(group, {})
@@ -133,11 +136,7 @@ class ZeroCheckpoint:
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The optimizer's hyperparameters (learning rate and the rest), one dict per group, without params."""
-        from deepspeed.checkpoint.constants import BASE_OPTIMIZER_STATE, OPTIMIZER_STATE_DICT
-
-        saved = (self._optim[0][OPTIMIZER_STATE_DICT] if self.stage == 3 else
-                 self._optim[0][BASE_OPTIMIZER_STATE])["param_groups"]
-        return [{k: v for k, v in group.items() if k != "params"} for group in saved]
+        return [{k: v for k, v in group.items() if k != "params"} for group in self._torch_optimizer(0)["param_groups"]]
 
     def tensor(self, name: str, key: str = FP32) -> torch.Tensor:
         """Parameter ``name``'s whole ``key`` tensor (``fp32``, or one of :meth:`state_keys`), in its shape."""

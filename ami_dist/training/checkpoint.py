@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ami_dist.config import SCHEMA_VERSION
+from ami_dist.data.batching import check_layout
 from ami_dist.data.vocab import vocab_sha256
 from ami_dist.disk import free_bytes, is_disk_full, tree_bytes
 from ami_dist.distributed.reshard import load_resharded, model_states_file, saved_zero_stage
@@ -249,13 +250,13 @@ def resume(run: Run, tag: str) -> None:
     # Another number of ranks: a rank that existed keeps its random stream; a new one starts its own, seeded by
     # the run's seed, its rank and the step. Every rank's latent noise continues past the furthest draw any rank
     # made (each rank's noise seed folds in its rank, so no draw of any rank is repeated).
-    states = [safe_torch_load(f) for f in rank_files]
-    if own.is_file():
-        torch.set_rng_state(safe_torch_load(own)["torch_rng"])
+    states = {f.name: safe_torch_load(f) for f in rank_files}
+    if own.name in states:
+        torch.set_rng_state(states[own.name]["torch_rng"])
     else:
         torch.manual_seed((run.cfg.run.seed * 1_000_003 + run.comm.rank * 7919 + run.step) % (1 << 63))
     if run.stream is not None:
-        run.stream.offset = max(int(s["noise_offset"]) for s in states)
+        run.stream.offset = max(int(s["noise_offset"]) for s in states.values())
     if run.comm.is_main:
         print(f"resharded checkpoint {tag} of {len(rank_files)} ranks onto {run.comm.world_size} "
               f"({', '.join(resharded)})", flush=True)
@@ -270,11 +271,10 @@ def check_new_world(run_dir: Path, tag: str, world_size: int, batch_tokens: int)
     if saved == world_size or not batch_tokens:
         return
     sampler = safe_torch_load(model_states_file(root / "forward" / tag), "cpu", mmap=True)["sampler"]
-    layout = int(sampler.get("world", saved))
-    if world_size > layout:
-        raise UserError(f"{run_dir}: batching by tokens (train.batch_tokens = {batch_tokens}), this run's steps are "
-                        f"laid out for the {layout} ranks it started on, and a step may have no more rows than "
-                        f"that: it can continue on at most {layout} ranks, not {world_size}")
+    try:
+        check_layout(int(sampler.get("world", saved)), world_size, batch_tokens)
+    except ValueError as e:
+        raise UserError(f"{run_dir}: {e}") from None
 
 
 def _needs_resharding(directory: Path, saved_world: int, world_size: int, stage: int) -> bool:
