@@ -63,7 +63,6 @@ def run_training(args: argparse.Namespace) -> int:
     from ami_dist.config import load_config
     from ami_dist.data.prepare import check_enough_pairs, ensure_prepared
     from ami_dist.distributed import detect_launch, init_distributed, shutdown
-    from ami_dist.distributed.engines import zero_stage
     from ami_dist.distributed.preemption import EXIT_REQUEUE, Preemption
     from ami_dist.distributed.safe_load import check_init_checkpoint, check_resumable
     from ami_dist.distributed.watchdog import raise_on_sigterm, start_watchdog
@@ -91,10 +90,6 @@ def run_training(args: argparse.Namespace) -> int:
     cfg.distributed.deepspeed_config = preset_path  # the saved config says which preset ran
     launch = detect_launch()
     ds_configs = resolve_deepspeed(cfg, preset_path, launch.world_size)
-    if launch.world_size == 1 and zero_stage(ds_configs["forward"]) == 3:
-        print(f"ami-dist: note: {preset_path}: ZeRO-3 on one rank partitions nothing and keeps a whole gradient "
-              "buffer besides the weights; ZeRO-2 (configs/ds_zero2.json) needs less memory here "
-              "(benchmarks/zero_memory.py)", file=sys.stderr, flush=True)
     if resume_dir is not None:  # checkpoints, validation outputs and logs go where the run is
         check_writable(resume_dir, f"--{'run_dir' if continuing else 'resume'}")
     else:

@@ -50,7 +50,6 @@ def test_resumed_run_matches_the_uninterrupted_one(tmp_path: Path, preset: str) 
     parts = dict(cfg, tracking={**cfg["tracking"], "experiment": "parts"})
     first = _train(["--config", str(write_config(tmp_path, parts, "parts.yaml")), f"train.stop_after_steps={STOPS[0]}"])
     assert f"stopped after step {STOPS[0]} of {TOTAL}" in first.stdout
-    assert ("ZeRO-3 on one rank partitions nothing" in first.stderr) == (preset == "ds_zero3.json")
     run_dir = sorted((tmp_path / "runs").iterdir())[-1]
     # stop_after_steps counts per invocation
     second = _train(["--resume", str(run_dir), f"train.stop_after_steps={STOPS[1] - STOPS[0]}"])

@@ -1,6 +1,7 @@
 """ZeRO-3 that saves memory: networks built under deepspeed.zero.Init hold only their partitions from the start,
 start from the weights of a plain construction, and train (on 1 and 2 ranks) to the weights plain PyTorch
-reaches; the float32 master is the weights' own partition on CPU; "auto" buffers are sized from the network."""
+reaches; the float32 master is the weights' own partition on CPU; the gradient buffer is held only from a
+backward pass to the end of the step; "auto" buffers are sized from the network."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import pytest
 
 from ami_dist.distributed.engines import load_preset, size_buffers
+from ami_dist.distributed.env import _free_port
 from ami_dist.errors import ConfigError
 from tests.conftest import PYTHON, ROOT, subprocess_env
 
@@ -19,13 +21,13 @@ pytestmark = pytest.mark.distributed
 # The Transformer with SGD: its attention key biases have a gradient of zero in exact arithmetic (a shift of
 # every key's score leaves the softmax as it is), so Adam turns their rounding noise, which differs with the
 # order of the sums, into updates of ±lr, under ZeRO-2 and ZeRO-3 alike.
-@pytest.mark.parametrize(("optimizer", "family", "ranks"), [("sgd", "lstm", 2), ("adam", "lstm", 2),
-                                                             ("sgd", "transformer", 2), ("adam", "lstm", 1)])
-def test_zero3_built_partitioned_trains_like_plain_torch(optimizer: str, family: str, ranks: int) -> None:
-    port = 29811 + 2 * (optimizer == "adam") + 4 * (family == "transformer") + 8 * (ranks == 1)
+@pytest.mark.parametrize(("optimizer", "family", "ranks", "accum"), [
+    ("sgd", "lstm", 2, 1), ("adam", "lstm", 2, 1), ("sgd", "transformer", 2, 1), ("adam", "lstm", 1, 1),
+    ("sgd", "lstm", 2, 2)])
+def test_zero3_built_partitioned_trains_like_plain_torch(optimizer: str, family: str, ranks: int, accum: int) -> None:
     proc = subprocess.run(
-        [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(port),
-         str(ROOT / "tests/distributed/zero3_worker.py"), optimizer, family],
+        [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(_free_port()),
+         str(ROOT / "tests/distributed/zero3_worker.py"), optimizer, family, str(accum)],
         cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -38,6 +40,11 @@ def test_zero3_built_partitioned_trains_like_plain_torch(optimizer: str, family:
         assert r["master_shares_weights"] and "shared_master_weights" in r["adapter"], r
         assert "mmap_large_allocations" in r["adapter"], r
         assert r["reduce_bucket_size"] == r["largest_param"], r
+        assert "stage3_gradients_for_the_step" in r["adapter"], r
+        held = r["gradient_buffer"]  # held while there are gradients, released once the step has used them
+        assert held["built"] == 0 and held["after_step"] == [0] * r["steps"], held
+        assert held["after_backward"] == [r["partition_numel"]] * (r["steps"] * accum), held
+        assert held["step_on_views"] == [True] * r["steps"], held
 
 
 def test_auto_buffers_are_sized_from_the_largest_parameter() -> None:

@@ -6,7 +6,8 @@ nothing (README "What ami-dist changes in DeepSpeed", each change measured). Two
 - ``imports``: what DeepSpeed does as it is imported (MLflow, its shared-memory inference op, Muon's
   compilation);
 - ``zero_cpu``: ZeRO-1/2's collectives through shared memory, flat weights shared between the ranks of a
-  machine, the float32 master copy, the gradient norm, gradients released as they are flattened.
+  machine, the float32 master copy, the gradient norm, gradients released as they are flattened;
+- ``zero3_gradients``: ZeRO-3's gradient partitions held only from a backward pass to the end of its step.
 
 They apply only when all of these hold: the backend is gloo (:func:`import_deepspeed` is told it after the
 backend is chosen), the installed DeepSpeed is one of :data:`SUPPORTED_VERSIONS` (any other runs stock,
@@ -31,6 +32,7 @@ from ami_dist.distributed.deepspeed_adapter.imports import (
     skip_inference_shm_op,
 )
 from ami_dist.distributed.deepspeed_adapter.marker import MARKER, patched_attributes
+from ami_dist.distributed.deepspeed_adapter.zero3_gradients import hold_gradients_for_the_step
 from ami_dist.distributed.deepspeed_adapter.zero_cpu import (
     adapt_zero_optimizer,
     install_zero_cpu,
@@ -102,11 +104,13 @@ def import_deepspeed(backend: str, enabled: bool = True, version: str | None = N
 
 
 def adapt_engine(engine: Any) -> list[str]:
-    """The per-engine adaptations (ZeRO-1/2 with float32 weights on CPU), where the adapter is in force;
-    the names of those applied. A collective: every rank of the engine calls it."""
+    """The per-engine adaptations (ZeRO-1/2 with float32 weights, ZeRO-3's gradients, on CPU), where the
+    adapter is in force; the names of those applied. A collective: every rank of the engine calls it."""
     if not state.active or any(p.device.type != "cpu" for p in engine.module.parameters()):
         return []
     applied = adapt_zero_optimizer(engine.optimizer)
+    if hold_gradients_for_the_step(engine.optimizer):
+        applied.append("stage3_gradients_for_the_step")
     state.applied_to_engines.extend(a for a in applied if a not in state.applied_to_engines)
     return applied
 
