@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ami_dist.distributed.deepspeed_adapter.zero_cpu import NOT_HANDLED, is_gloo_cpu, wrap
+from ami_dist.distributed.deepspeed_adapter.zero_cpu import NOT_HANDLED, _offset_in, is_gloo_cpu, wrap
 
 # DeepSpeedZeroOptimizer_Stage3's map from a parameter's ds_id to its view of the flat gradient buffer
 VIEWS = "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition"
@@ -42,12 +42,10 @@ def consecutive_view(flat: torch.Tensor, tensors: list[torch.Tensor]) -> torch.T
     if not tensors or flat.numel() == 0 or not flat.is_contiguous():
         return None
     storage = flat.untyped_storage().data_ptr()
-    size = flat.element_size()
-    start = (tensors[0].data_ptr() - flat.data_ptr()) // size
-    offset = start
+    start = offset = _offset_in(flat, tensors[0])
     for t in tensors:
         if (t.dtype != flat.dtype or t.device != flat.device or not t.is_contiguous()
-                or t.untyped_storage().data_ptr() != storage or t.data_ptr() != flat.data_ptr() + offset * size):
+                or t.untyped_storage().data_ptr() != storage or _offset_in(flat, t) != offset):
             return None
         offset += t.numel()
     if start < 0 or offset > flat.numel():
@@ -81,10 +79,8 @@ def hold_gradients_for_the_step(optimizer: Any) -> bool:
         if not held():
             flat = torch.zeros(numel, dtype=dtype, device=device)
             views = getattr(optimizer, VIEWS)
-            offset = 0
-            for param, size in zip(params, sizes, strict=True):
-                views[param.ds_id] = flat.narrow(0, offset, size)
-                offset += size
+            for param, view in zip(params, flat.split(sizes), strict=True):
+                views[param.ds_id] = view
             optimizer.grad_partitions_flat_buffer = flat
         return NOT_HANDLED
 
